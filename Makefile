@@ -1,0 +1,30 @@
+# Two commands for a new user: `make run` and `make test`. Everything installs into .venv.
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SAMPLE := data/sample
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# the quickstart: write the sample dataset, index it, train ResNet-50 on 2 local Ray workers
+run: $(STAMP)
+	test -f $(SAMPLE)/index/classes.tsv || { $(BIN)/resnet-pipe data synth $(SAMPLE) && $(BIN)/resnet-pipe data prepare $(SAMPLE); }
+	$(BIN)/resnet-pipe submit quickstart
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf runs mlflow.db mlartifacts $(SAMPLE)

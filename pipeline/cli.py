@@ -1,0 +1,126 @@
+"""The `resnet-pipe` command line: parse, call, print. No logic lives here.
+
+Bad input (an unknown job, a missing dataset, an unknown --set key) is one line on stderr and
+exit code 2, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import JobError, flatten, job_names, load_job, to_dict
+from pipeline.dataset import DatasetError
+
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(USAGE_ERROR)
+
+
+def _load(name: str, overrides: tuple[str, ...]):
+    try:
+        return load_job(name, overrides)
+    except JobError as e:
+        _fail(str(e))
+
+
+@click.group()
+def main() -> None:
+    """Train bottleneck ResNets with DALI and Ray Train, tracked in MLflow."""
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def jobs(ctx: click.Context) -> None:
+    """List the named jobs (jobs/*.toml)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = [("JOB", "MODEL", "DATASET", "EPOCHS", "WORKERS")]
+    for name in job_names():
+        job = _load(name, ())
+        device = "GPU" if job.scaling.use_gpu else "CPU"
+        workers = f"{job.scaling.num_workers} x {device}"
+        rows.append((name, job.model.arch, job.dataset, str(job.epochs), workers))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@jobs.command("show")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
+def jobs_show(name: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved job NAME, every setting with its value."""
+    job = _load(name, overrides)
+    for key, value in flatten(to_dict(job)).items():
+        click.echo(f"{key} = {value!r}")
+    click.echo(f"# derived: global_batch_size = {job.global_batch_size}, peak_lr = {job.peak_lr:g}")
+
+
+@main.group()
+def data() -> None:
+    """Make and prepare datasets."""
+
+
+@data.command("synth")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--train-per-class", default=150, show_default=True)
+@click.option("--val-per-class", default=50, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_synth(directory: Path, train_per_class: int, val_per_class: int, seed: int) -> None:
+    """Write the synthetic sample dataset (real JPEGs, ImageNet's layout) to DIRECTORY."""
+    from pipeline.synth import CLASSES, write_dataset
+
+    count = write_dataset(directory, train_per_class, val_per_class, seed)
+    click.echo(f"wrote {count} images of {len(CLASSES)} classes to {directory}")
+
+
+@data.command("prepare")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: all cores).")
+def data_prepare(root: Path, workers: int | None) -> None:
+    """Index ROOT (train/<class>/*, val/<class>/*), check every file decodes, write ROOT/index/."""
+    from pipeline.dataset import format_report, prepare
+
+    try:
+        report = prepare(root, workers)
+    except DatasetError as e:
+        _fail(str(e))
+    click.echo(format_report(root, report), nl=False)
+    click.echo(f"index written to {root / 'index'}")
+
+
+@main.command()
+@click.argument("job_name", metavar="JOB")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
+@click.option(
+    "--name",
+    "run_name",
+    default=None,
+    help="Run name (default: the job's). A name that has checkpoints resumes from the latest.",
+)
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+def submit(job_name: str, overrides: tuple[str, ...], run_name: str | None, address: str | None) -> None:
+    """Train JOB on Ray Train; resumes the run if it has checkpoints."""
+    from pipeline.dataset import load_index
+
+    job = _load(job_name, overrides)
+    try:
+        load_index(Path(job.data.root))
+    except DatasetError as e:
+        _fail(str(e))
+    from pipeline.launch import submit as launch_submit  # imports Ray: only after the checks
+
+    outcome = launch_submit(job, run_name or job.name, address)
+    click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
+    for key in ("val/top1", "val/top5", "train/loss"):
+        if key in outcome.metrics:
+            click.echo(f"{key}: {outcome.metrics[key]:.4f}")
+    if not outcome.finished:
+        click.echo(f"error: training failed: {outcome.error}", err=True)
+        sys.exit(1)

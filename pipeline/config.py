@@ -1,0 +1,219 @@
+"""The job schema and its loader.
+
+A job is a tree of frozen dataclasses that holds every default. A job file
+(`jobs/<name>.toml`) holds only what it changes; `--set section.key=value` overrides use
+the same parser. Unknown keys are errors that name the key. Derived values (global batch,
+scaled learning rate) are properties, never written back.
+
+    job = load_job("quickstart", overrides=["optim.lr_per_256=0.2"])
+    job.global_batch_size, job.optim.lr_per_256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class JobError(ValueError):
+    """A job that cannot be loaded: unknown name, unknown key, or a bad value."""
+
+
+@dataclass(frozen=True)
+class Data:
+    root: str = "data/sample"  # dataset folder; `resnet-pipe data prepare ROOT` writes ROOT/index/
+    crop_px: int = 224  # training crop, square
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    hflip_prob: float = 0.5
+    val_resize_px: int = 256  # shorter side before the center crop (224/256 = 0.875, He et al.)
+    val_crop_px: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean, 0..1 scale
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    threads_per_worker: int = 2  # DALI CPU threads per training worker
+    prefetch_batches: int = 2  # DALI prefetch queue depth
+
+
+@dataclass(frozen=True)
+class Model:
+    arch: str = "resnet50"  # any name in timm's registry
+    zero_init_last_bn: bool = True  # last BN of each residual branch starts at 0 (Goyal et al. 2017)
+
+
+@dataclass(frozen=True)
+class Optim:
+    lr_per_256: float = 0.1  # scaled by global_batch_size / 256 (Goyal et al. 2017)
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4  # not applied to BatchNorm weights and biases
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 5.0  # linear from 0, then the decay below
+    schedule: Literal["cosine", "step"] = "cosine"
+    step_epochs: tuple[int, ...] = (30, 60, 80)  # step decay boundaries, x0.1 each (He et al. 2016)
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int = 1  # Ray Train workers, one DDP rank each
+    use_gpu: bool = False  # one GPU per worker; NCCL, mixed decoding and autocast follow from it
+    cpus_per_worker: int = 1
+    batch_size_per_worker: int = 32
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+@dataclass(frozen=True)
+class Run:
+    storage_path: str = "runs"  # checkpoints go to <storage_path>/<run name>/
+    max_failures: int = 0  # worker failures Ray Train retries from the last checkpoint
+    keep_checkpoints: int = 2  # the latest k checkpoints are kept in storage
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # None: on CUDA only
+    log_every_steps: int = 10  # progress lines per worker-0 steps
+    max_steps_per_epoch: int = 0  # 0: the whole epoch; >0 caps it (smoke tests)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str = ""
+    description: str = ""
+    dataset: str = ""  # human-readable dataset name, for listings
+    epochs: int = 90
+    seed: int = 0
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    optim: Optim = field(default_factory=Optim)
+    scaling: Scaling = field(default_factory=Scaling)
+    run: Run = field(default_factory=Run)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.scaling.batch_size_per_worker * self.scaling.num_workers
+
+    @property
+    def peak_lr(self) -> float:
+        return self.optim.lr_per_256 * self.global_batch_size / 256
+
+
+def jobs_dir() -> Path:
+    """The folder that holds job files: $RESNET_PIPE_JOBS, else ./jobs, else the repo's."""
+    if env := os.environ.get("RESNET_PIPE_JOBS"):
+        return Path(env)
+    local = Path.cwd() / "jobs"
+    return local if local.is_dir() else Path(__file__).resolve().parent.parent / "jobs"
+
+
+def job_names() -> list[str]:
+    return sorted(p.stem for p in jobs_dir().glob("*.toml"))
+
+
+def load_job(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Job:
+    """Loads `jobs/<name>.toml` over the defaults, then applies `key=value` overrides.
+
+    Raises:
+        JobError: unknown job, unknown key, or a value of the wrong type.
+    """
+    path = jobs_dir() / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(job_names()) or "none"
+        raise JobError(f"unknown job '{name}' (known jobs: {known})")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{path}: {e}") from None
+    table.setdefault("name", name)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(table, key, value)
+    return build(Job, table, prefix="")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parses `section.key=value`; the value is read as a TOML value, or as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise JobError(f"--set '{item}' is not key=value (for example optim.lr_per_256=0.2)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_path(table: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = table.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise JobError(f"unknown key '{key}': '{part}' is not a section")
+        table = node
+    table[leaf] = value
+
+
+def build(cls: type, table: dict, prefix: str) -> Any:
+    """Builds dataclass `cls` from a TOML table, checking every key and value type."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise JobError(f"unknown key '{dotted}' (known in this section: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise JobError(f"'{dotted}' is a section; set its keys, for example {dotted}.<key>=...")
+        return build(hint, value, prefix=f"{dotted}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise JobError(f"'{dotted}' must be one of {', '.join(map(repr, args))}, not {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, dotted)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise JobError(f"'{dotted}' must be a list, not {value!r}")
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise JobError(f"'{dotted}' must have {len(item_types)} items, not {len(value)}")
+        return tuple(_coerce(t, v, dotted) for t, v in zip(item_types, value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise JobError(f"'{dotted}' must be {hint.__name__}, not {value!r}")
+    return value
+
+
+def to_dict(job: Job) -> dict[str, Any]:
+    """The resolved job as plain nested dicts (stored in checkpoints and MLflow)."""
+    return dataclasses.asdict(job)
+
+
+def from_dict(table: dict[str, Any]) -> Job:
+    """Inverse of `to_dict`."""
+    return build(Job, table, prefix="")
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"optim": {"lr_per_256": 0.1}}` -> `{"optim.lr_per_256": 0.1}`."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,90 @@
+"""Starting Ray and running a job: the only module that starts Ray or calls `fit`.
+
+outcome = submit(job, run_name="quickstart")
+outcome.finished, outcome.metrics["val/top1"], outcome.mlflow_run_id
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline import checkpoint, tracking
+from pipeline.config import Job, to_dict
+from pipeline.train import train_loop_per_worker
+
+FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: bool
+    metrics: dict[str, float]
+    mlflow_run_id: str
+    run_dir: Path
+    error: str | None = None
+
+
+def connect(address: str | None) -> None:
+    """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one."""
+    if ray.is_initialized():
+        return
+    # the dashboard stays on even locally: Ray Train's controller watches its workers through it
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
+    """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint."""
+    storage = Path(job.run.storage_path).resolve()
+    run_dir = storage / run_name
+    latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    run_id = tracking.open_run(job, run_name, run_dir)
+    print(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
+    if latest is not None:
+        meta = checkpoint.read_meta(latest)
+        if meta["epoch"] >= job.epochs:
+            print(f"run '{run_name}' already finished {job.epochs} epochs; nothing to do")
+            tracking.close_run(run_id, succeeded=True)
+            return Outcome(True, meta["metrics"], run_id, run_dir)
+        print(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
+
+    connect(address)
+    fault = os.environ.get(FAULT_ENV)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": to_dict(job),
+            "data_root": str(Path(job.data.root).resolve()),
+            "tracking_uri": tracking.tracking_uri(),
+            "mlflow_run_id": run_id,
+            "fail_at_step": int(fault) if fault else None,
+        },
+        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=job.scaling.num_workers,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+            placement_strategy=job.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(latest)) if latest else None,
+    )
+    try:
+        result = trainer.fit()
+        error = str(result.error) if result.error else None
+        metrics = dict(result.metrics or {})
+    except Exception as e:  # Ray Train V2 raises on a failed run
+        error, metrics = f"{type(e).__name__}: {e}", {}
+    tracking.close_run(run_id, succeeded=error is None)
+    return Outcome(error is None, metrics, run_id, run_dir, error)

@@ -1,0 +1,155 @@
+"""DALI pipelines for training and validation, and the iterator the training loop reads.
+
+One pipeline function per split serves both machines: with a GPU the decoder runs in "mixed"
+mode (nvJPEG) and every later operator on that GPU; without one (`device_id=None`) the same
+graph runs on DALI's CPU operators. Readers shard by Ray Train world rank.
+
+The reader's labels are row ids into the split's file list, not class labels: the loader maps
+them to classes with a lookup table, so every batch also carries the ids of its samples (what
+tests and exact resume compare).
+
+    loader = build_loader(job, index, "train", shard_id=rank, num_shards=world, device=device)
+    for images, labels, ids in loader:   # images: N x 3 x crop x crop float32, normalized
+        ...
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from pipeline.config import Data, Job
+from pipeline.dataset import Index
+
+READER = "reader"
+
+
+def _read(files: list[str], file_root: str, shard_id: int, num_shards: int, train: bool, seed: int):
+    ids = list(range(len(files)))
+    if train:
+        # the reader reshuffles after each epoch; shuffle the first epoch here, from the same seed
+        order = list(range(len(files)))
+        random.Random(seed).shuffle(order)
+        files, ids = [files[i] for i in order], order
+    return fn.readers.file(
+        file_root=file_root,
+        files=files,
+        labels=ids,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle_after_epoch=train,  # a global permutation per epoch: every sample once per epoch
+        pad_last_batch=True,  # every shard yields the same number of batches (DDP needs it)
+        stick_to_shard=not train,  # validation: each rank scores the same files every epoch
+        seed=seed,
+        name=READER,
+    )
+
+
+def _normalize(images, data: Data, mirror=None, crop_px: int | None = None):
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        crop=(crop_px, crop_px) if crop_px else None,
+        mean=[255 * m for m in data.mean],
+        std=[255 * s for s in data.std],
+        mirror=mirror if mirror is not None else 0,
+    )
+
+
+@pipeline_def
+def train_pipeline(
+    data: Data, files: list[str], file_root: str, shard_id: int, num_shards: int, gpu: bool, order_seed: int
+):
+    """Random-resized crop (decoded only inside the crop), resize, flip, normalize."""
+    encoded, ids = _read(files, file_root, shard_id, num_shards, train=True, seed=order_seed)
+    images = fn.decoders.image_random_crop(
+        encoded,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,  # grayscale and CMYK JPEGs come out as RGB
+        random_area=list(data.scale),
+        random_aspect_ratio=list(data.ratio),
+        num_attempts=10,  # then the whole image, as torchvision's RandomResizedCrop falls back
+    )
+    images = fn.resize(images, size=[data.crop_px, data.crop_px], interp_type=types.INTERP_LINEAR)
+    mirror = fn.random.coin_flip(probability=data.hflip_prob)
+    return _normalize(images, data, mirror=mirror), ids
+
+
+@pipeline_def
+def val_pipeline(
+    data: Data, files: list[str], file_root: str, shard_id: int, num_shards: int, gpu: bool, order_seed: int
+):
+    """Resize the shorter side, center crop, normalize: deterministic."""
+    encoded, ids = _read(files, file_root, shard_id, num_shards, train=False, seed=0)
+    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    images = fn.resize(
+        images, resize_shorter=data.val_resize_px, interp_type=types.INTERP_LINEAR, antialias=True
+    )
+    return _normalize(images, data, crop_px=data.val_crop_px), ids
+
+
+class Loader:
+    """Iterates (images, labels, ids) batches of one split's shard, on `device`."""
+
+    def __init__(self, iterator: DALIGenericIterator, labels: torch.Tensor, device: torch.device):
+        self._iterator = iterator
+        self._labels = labels
+        self._device = device
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for (batch,) in self._iterator:
+            ids = batch["ids"].reshape(-1).long().cpu()
+            images = batch["images"].to(self._device, non_blocking=True)
+            yield images, self._labels[ids].to(self._device, non_blocking=True), ids
+
+
+def build_loader(
+    job: Job,
+    index: Index,
+    split: str,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    device: torch.device | None = None,
+    seed: int | None = None,
+) -> Loader:
+    """A loader over `split` of `index`, sharded `shard_id` of `num_shards`.
+
+    Training drops the last partial batch (every shard runs the same number of steps);
+    validation yields every sample of its shard exactly once, the last batch partial.
+    """
+    device = device or torch.device("cpu")
+    gpu = device.type == "cuda"
+    train = split == "train"
+    make = train_pipeline if train else val_pipeline
+    seed = job.seed if seed is None else seed
+    pipe = make(
+        data=job.data,
+        files=index.files(split),
+        file_root=str(index.root),
+        shard_id=shard_id,
+        num_shards=num_shards,
+        gpu=gpu,
+        batch_size=job.scaling.batch_size_per_worker,
+        num_threads=job.data.threads_per_worker,
+        device_id=device.index or 0 if gpu else None,
+        order_seed=seed,  # the sample order: the same on every shard
+        seed=seed + shard_id,  # augmentation randomness: differs between shards
+        prefetch_queue_depth=job.data.prefetch_batches,
+    )
+    iterator = DALIGenericIterator(
+        [pipe],
+        ["images", "ids"],
+        reader_name=READER,
+        last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL,
+        auto_reset=True,
+    )
+    return Loader(iterator, torch.tensor(index.labels(split), dtype=torch.long), device)

@@ -1,0 +1,58 @@
+"""Optimizer parameter groups and the learning-rate schedule.
+
+The schedule is a pure function of the global step, so resuming needs no scheduler state:
+
+    lr = lr_at(step, job, steps_per_epoch)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.config import Job
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and BatchNorm weights and all biases (no weight decay).
+
+    One-dimensional parameters are exactly BN scales/shifts and biases in a ResNet; excluding them
+    from decay follows Goyal et al. 2017 and NVIDIA DeepLearningExamples.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        param_groups(model, job.optim.weight_decay),
+        lr=job.peak_lr,
+        momentum=job.optim.momentum,
+        nesterov=job.optim.nesterov,
+    )
+
+
+def lr_at(step: int, job: Job, steps_per_epoch: int) -> float:
+    """Learning rate at global `step` (0-based): linear warmup from 0, then cosine or step decay."""
+    peak, opt = job.peak_lr, job.optim
+    epoch = step / steps_per_epoch  # fractional
+    if epoch < opt.warmup_epochs:
+        return peak * (step + 1) / (opt.warmup_epochs * steps_per_epoch)
+    if opt.schedule == "step":
+        return peak * 0.1 ** sum(epoch >= boundary for boundary in opt.step_epochs)
+    progress = (epoch - opt.warmup_epochs) / max(job.epochs - opt.warmup_epochs, 1e-8)
+    floor = peak * opt.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

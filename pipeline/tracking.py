@@ -1,0 +1,91 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+The driver opens (or reopens) the run, the workers' rank 0 logs metrics and artifacts into it
+by run id, and the driver closes it. The default store is a SQLite file in the working folder
+with artifacts beside it; MLFLOW_TRACKING_URI overrides both.
+
+    run_id = open_run(job, run_dir)
+    logger = RunLogger(tracking_uri(), run_id)        # on rank 0
+    logger.log_metrics({"val/top1": 0.9}, step=3)
+    close_run(run_id, succeeded=True)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.config import Job, flatten, to_dict
+
+RUN_ID_FILE = "mlflow_run_id"  # in the run's storage folder: a resubmitted run reopens its MLflow run
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite file in the working folder (absolute, for the workers)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        location = (Path.cwd() / DEFAULT_ARTIFACTS / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def open_run(job: Job, run_name: str, run_dir: Path) -> str:
+    """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it."""
+    client = MlflowClient(tracking_uri())
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+    run = client.create_run(_experiment_id(client, job.name), run_name=run_name, tags={"job": job.name})
+    params = {key: str(value) for key, value in flatten(to_dict(job)).items()}
+    params |= {"global_batch_size": str(job.global_batch_size), "peak_lr": str(job.peak_lr)}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def close_run(run_id: str, succeeded: bool) -> None:
+    status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+    MlflowClient(tracking_uri()).set_terminated(run_id, status=RunStatus.to_string(status))
+
+
+class RunLogger:
+    """Logs into one existing run; used by rank 0 only."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_weights(self, model: nn.Module, name: str = "model.safetensors") -> None:
+        """The weights as plain tensors (safetensors), under the run's `weights/` artifacts."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path="weights")
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of each metric of a run."""
+    return dict(MlflowClient(tracking_uri()).get_run(run_id).data.metrics)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.config import Job, JobError, from_dict, job_names, load_job, parse_override, to_dict
+
+
+@pytest.mark.parametrize("name", job_names())
+def test_every_shipped_job_resolves(name: str) -> None:
+    job = load_job(name)
+    assert job.name == name
+    assert job.description and job.dataset
+    assert from_dict(to_dict(job)) == job  # what checkpoints and MLflow store reads back the same
+
+
+def test_shipped_jobs_are_the_promised_ones() -> None:
+    assert {"quickstart", "imagenet-r50", "imagenet-r101", "imagenet-r152"} <= set(job_names())
+
+
+@pytest.mark.parametrize("depth", [50, 101, 152])
+def test_imagenet_jobs_carry_the_90_epoch_recipe(depth: int) -> None:
+    job = load_job(f"imagenet-r{depth}")
+    assert job.model.arch == f"resnet{depth}"
+    assert job.epochs == 90
+    assert (job.data.crop_px, job.data.val_resize_px, job.data.val_crop_px) == (224, 256, 224)
+    assert job.scaling.use_gpu
+    assert job.optim.lr_per_256 == 0.1
+
+
+def test_quickstart_is_two_cpu_workers() -> None:
+    job = load_job("quickstart")
+    assert job.model.arch == "resnet50"
+    assert (job.scaling.num_workers, job.scaling.use_gpu) == (2, False)
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(JobError, match="unknown key 'optim.learning_rate'"):
+        load_job("quickstart", ["optim.learning_rate=0.1"])
+    with pytest.raises(JobError, match="unknown key 'nosuchsection'"):
+        load_job("quickstart", ["nosuchsection.x=1"])
+
+
+def test_unknown_key_in_a_job_file_is_named(tmp_path, monkeypatch) -> None:
+    (tmp_path / "typo.toml").write_text("[data]\ncrop = 128\n")
+    monkeypatch.setenv("RESNET_PIPE_JOBS", str(tmp_path))
+    with pytest.raises(JobError, match="unknown key 'data.crop'"):
+        load_job("typo")
+
+
+def test_unknown_job_lists_the_known_ones() -> None:
+    with pytest.raises(JobError, match="unknown job 'nope'.*quickstart"):
+        load_job("nope")
+
+
+def test_overrides_are_typed_and_derived_values_follow() -> None:
+    job = load_job(
+        "quickstart", ["optim.lr_per_256=0.2", "scaling.batch_size_per_worker=64", "data.scale=[0.5, 1]"]
+    )
+    assert job.optim.lr_per_256 == 0.2
+    assert job.data.scale == (0.5, 1.0)
+    assert job.global_batch_size == 128  # 64 x 2 workers
+    assert job.peak_lr == pytest.approx(0.2 * 128 / 256)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochs=ten", "'epochs' must be int"),
+        ("scaling.use_gpu=1", "'scaling.use_gpu' must be bool"),
+        ("optim.schedule='linear'", "must be one of"),
+        ("data.scale=[0.5]", "must have 2 items"),
+        ("optim", "not key=value"),
+        ("data=3", "'data' is a section"),
+    ],
+)
+def test_bad_values_are_errors(override: str, message: str) -> None:
+    with pytest.raises(JobError, match=message):
+        load_job("quickstart", [override])
+
+
+def test_override_values_parse_as_toml_else_string() -> None:
+    assert parse_override("a.b=0.5") == ("a.b", 0.5)
+    assert parse_override("a=true") == ("a", True)
+    assert parse_override("data.root=/datasets/imagenet") == ("data.root", "/datasets/imagenet")
+
+
+def test_jobs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Job().epochs = 3  # type: ignore[misc]

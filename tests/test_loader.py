@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from conftest import KEPT_ODD
+from PIL import Image
+
+from pipeline.config import Job, load_job
+from pipeline.dataset import Index, load_index, prepare
+from pipeline.loader import build_loader
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def job(prepared_dataset: Path) -> Job:
+    return load_job(
+        "quickstart",
+        [
+            f"data.root='{prepared_dataset}'",
+            f"scaling.batch_size_per_worker={BATCH}",
+            "data.crop_px=48",
+            "data.val_resize_px=40",
+            "data.val_crop_px=32",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def index(prepared_dataset: Path) -> Index:
+    return load_index(prepared_dataset)
+
+
+def _bounds(job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = torch.tensor(job.data.mean)[:, None, None], torch.tensor(job.data.std)[:, None, None]
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def _unnormalize(job: Job, images: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(job.data.mean)[:, None, None], torch.tensor(job.data.std)[:, None, None]
+    return images * std + mean
+
+
+def test_train_batches_are_normalized_nchw_float_with_their_labels(job: Job, index: Index) -> None:
+    low, high = _bounds(job)
+    loader = build_loader(job, index, "train")
+    assert len(loader) == len(index.files("train")) // BATCH
+    for images, labels, ids in loader:
+        assert images.shape == (BATCH, 3, 48, 48) and images.dtype == torch.float32
+        assert (images >= low - 1e-4).all() and (images <= high + 1e-4).all()
+        assert images.std() > 0.1  # real pixels, not a constant
+        assert labels.dtype == torch.long
+        assert labels.tolist() == [index.labels("train")[i] for i in ids.tolist()]
+
+
+@pytest.fixture(scope="module")
+def smooth_index(tmp_path_factory: pytest.TempPathFactory) -> Index:
+    """Low-frequency photos-like images, where resize kernels agree to a few levels of 255."""
+    root = tmp_path_factory.mktemp("smooth")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(5):
+                coarse = rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)
+                size = (int(rng.integers(60, 200)), int(rng.integers(60, 200)))
+                Image.fromarray(coarse).resize(size, Image.BICUBIC).save(
+                    root / split / name / f"{i}.JPEG", quality=95
+                )
+    prepare(root, workers=1)
+    return load_index(root)
+
+
+def test_val_is_resize_center_crop_normalize_like_torchvision(job: Job, smooth_index: Index) -> None:
+    index, size, crop = smooth_index, job.data.val_resize_px, job.data.val_crop_px
+    mean, std = torch.tensor(job.data.mean)[:, None, None], torch.tensor(job.data.std)[:, None, None]
+    images, _, ids = next(iter(build_loader(job, index, "val")))
+    assert images.shape == (BATCH, 3, crop, crop)
+    errors, shifted_errors = [], []
+    for image, i in zip(images, ids.tolist()):
+        with Image.open(index.root / index.files("val")[i]) as pil:
+            resized = TF.resize(TF.pil_to_tensor(pil.convert("RGB")), size, antialias=True).float() / 255
+        top, left = round((resized.shape[1] - crop) / 2), round((resized.shape[2] - crop) / 2)
+        shift = 4 if left >= 4 else -4
+        for out, dx in ((errors, 0), (shifted_errors, shift)):
+            window = resized[:, top : top + crop, left + dx : left + dx + crop]
+            out.append((image - (window - mean) / std).abs().mean())
+    # the two libraries round the resized size and the crop corner differently (up to a pixel);
+    # a crop 4 px off, or a wrong normalization, is far outside that
+    assert torch.stack(errors).mean() < 0.1
+    assert torch.stack(shifted_errors).mean() > 0.2
+
+
+def test_odd_images_decode_to_rgb(job: Job, index: Index) -> None:
+    grayscale = index.files("train").index(KEPT_ODD["grayscale"])
+    found = False
+    for images, _, ids in build_loader(job, index, "train"):  # the whole epoch decodes, CMYK included
+        if grayscale in ids.tolist():
+            rgb = _unnormalize(job, images[ids.tolist().index(grayscale)])
+            assert torch.allclose(rgb[0], rgb[1], atol=1e-3) and torch.allclose(rgb[1], rgb[2], atol=1e-3)
+            found = True
+    # the grayscale file may be the one dropped with the last partial batch; then look at epoch 2
+    assert found or len(index.files("train")) % BATCH
+    png = index.files("val").index(KEPT_ODD["png"])
+    assert png in [i for _, _, ids in build_loader(job, index, "val") for i in ids.tolist()]
+
+
+def test_two_val_shards_cover_the_set_exactly_once(job: Job, index: Index) -> None:
+    shards = []
+    for shard_id in range(2):
+        loader = build_loader(job, index, "val", shard_id=shard_id, num_shards=2)
+        for _epoch in range(2):  # the same shard every epoch: nothing padded, nothing repeated
+            ids = [i for _, _, batch_ids in loader for i in batch_ids.tolist()]
+            assert len(ids) == len(set(ids))
+        shards.append(ids)
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(len(index.files("val"))))
+
+
+def test_train_shards_are_disjoint_equal_length_and_reshuffled_each_epoch(job: Job, index: Index) -> None:
+    loaders = [build_loader(job, index, "train", shard_id=s, num_shards=2) for s in range(2)]
+    assert len(loaders[0]) == len(loaders[1])  # DDP needs every rank to take the same number of steps
+    epochs = []
+    for _epoch in range(2):
+        per_shard = [[i for _, _, ids in loader for i in ids.tolist()] for loader in loaders]
+        assert len(per_shard[0]) == len(per_shard[1]) == len(loaders[0]) * BATCH
+        assert not set(per_shard[0]) & set(per_shard[1])
+        epochs.append(per_shard[0] + per_shard[1])
+    assert epochs[0] != epochs[1]
+    assert all(len(set(ids)) == len(ids) for ids in epochs)
+
+
+def test_the_sample_order_follows_the_seed(job: Job, index: Index) -> None:
+    def first_ids(seed: int) -> list[int]:
+        return next(iter(build_loader(job, index, "train", seed=seed)))[2].tolist()
+
+    assert first_ids(3) == first_ids(3)
+    assert first_ids(3) != first_ids(4)
