@@ -39,7 +39,11 @@ def connect(address: str | None) -> None:
 
 
 def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
-    """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint."""
+    """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint.
+
+    Resuming is Ray Train's own: a trainer with the same name and storage path reloads its
+    checkpoint manager from storage, and `ray.train.get_checkpoint()` returns the latest one.
+    """
     storage = Path(job.run.storage_path).resolve()
     run_dir = storage / run_name
     latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
@@ -78,7 +82,6 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(latest)) if latest else None,
     )
     try:
         result = trainer.fit()

@@ -1,0 +1,77 @@
+"""The `resnet-pipe` command as a user runs it: a real subprocess, its exit code and its output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Runs the CLI and reports, after it exits, whether it imported Ray: bad input must fail before.
+PROBE = (
+    "import atexit, sys; "
+    "atexit.register(lambda: print('RAY-IMPORTED' if 'ray' in sys.modules else 'NO-RAY')); "
+    "from pipeline.cli import main; main()"
+)
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_jobs_lists_model_dataset_epochs_workers() -> None:
+    result = cli("jobs")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["JOB", "MODEL", "DATASET", "EPOCHS", "WORKERS"]
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert {"quickstart", "imagenet-r50", "imagenet-r101", "imagenet-r152"} <= set(rows)
+    assert "resnet152" in rows["imagenet-r152"] and " 90 " in rows["imagenet-r152"]
+    assert "2 x CPU" in rows["quickstart"]
+
+
+def test_jobs_show_prints_the_resolved_job_with_overrides() -> None:
+    result = cli("jobs", "show", "imagenet-r152", "--set", "optim.lr_per_256=0.2")
+    assert result.returncode == 0, result.stderr
+    assert "model.arch = 'resnet152'" in result.stdout
+    assert "optim.lr_per_256 = 0.2" in result.stdout
+    assert "global_batch_size = 512, peak_lr = 0.4" in result.stdout  # 0.2 x (8 x 64) / 256
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["submit", "no-such-job"], "unknown job 'no-such-job'"),
+        (["submit", "quickstart", "--set", "data.root=/no/such/folder"], "/no/such/folder does not exist"),
+        (["submit", "quickstart", "--set", "optim.learning_rate=1"], "unknown key 'optim.learning_rate'"),
+        (["jobs", "show", "no-such-job"], "unknown job 'no-such-job'"),
+        (["data", "prepare", "/no/such/folder"], "/no/such/folder does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_ray(args: list[str], message: str, tmp_path: Path) -> None:
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr
+    assert result.stdout.strip() == "NO-RAY"
+
+
+def test_submit_on_an_unprepared_folder_says_to_prepare_it(tmp_path: Path) -> None:
+    (tmp_path / "raw" / "train").mkdir(parents=True)
+    result = cli("submit", "quickstart", "--set", f"data.root='{tmp_path / 'raw'}'", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "resnet-pipe data prepare" in result.stderr
+
+
+def test_data_synth_then_prepare(tmp_path: Path) -> None:
+    made = cli("data", "synth", str(tmp_path / "ds"), "--train-per-class", "3", "--val-per-class", "2")
+    assert made.returncode == 0, made.stderr
+    assert "wrote 20 images of 4 classes" in made.stdout
+    (tmp_path / "ds" / "train" / "dots" / "broken.JPEG").write_bytes(b"\xff\xd8 not really")
+    prepared = cli("data", "prepare", str(tmp_path / "ds"))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "train: 12 images" in prepared.stdout and "val: 8 images" in prepared.stdout
+    assert "left out: 1 files" in prepared.stdout and "broken.JPEG" in prepared.stdout

@@ -1,0 +1,81 @@
+"""A real 2-worker Ray Train run (DDP over gloo, DALI on the CPU) tracked in a real MLflow store:
+it fails at an injected fault, and a second submission resumes it to the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline import checkpoint
+from pipeline.config import load_job
+from pipeline.launch import FAULT_ENV, submit
+from pipeline.tracking import tracking_uri
+
+pytestmark = pytest.mark.ray
+EPOCHS = 3
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # runs/, mlflow.db and mlartifacts/ land here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def test_fault_then_resume_finishes_one_tracked_run(
+    ray_session, prepared_dataset, workdir, monkeypatch
+) -> None:
+    # 50 train images, 2 workers x 8 = 3 steps per epoch per worker
+    job = load_job(
+        "quickstart",
+        [f"data.root='{prepared_dataset}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8",
+         "data.crop_px=32", "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1"],
+    )  # fmt: skip
+
+    # first submission: rank 0 raises at global step 4 (epoch 1), after epoch 0's checkpoint
+    monkeypatch.setenv(FAULT_ENV, "4")
+    failed = submit(job, "faulty")
+    assert not failed.finished and "injected fault" in failed.error
+    saved = checkpoint.latest(failed.run_dir)
+    assert checkpoint.read_meta(saved)["epoch"] == 1 and checkpoint.read_meta(saved)["step"] == 3
+
+    # second submission of the same run: resumes at epoch 1, not from scratch
+    monkeypatch.delenv(FAULT_ENV)
+    done = submit(job, "faulty")
+    assert done.finished, done.error
+    assert done.mlflow_run_id == failed.mlflow_run_id
+    assert {"train/loss", "train/images_per_s", "val/top1", "val/top5"} <= set(done.metrics)
+    assert 0.0 <= done.metrics["val/top1"] <= done.metrics["val/top5"] <= 1.0
+    final = checkpoint.read_meta(checkpoint.latest(done.run_dir))
+    assert (final["epoch"], final["step"]) == (EPOCHS, 3 * EPOCHS)
+    state = checkpoint.load(checkpoint.latest(done.run_dir))
+    assert state["job"]["epochs"] == EPOCHS and "optimizer" in state
+
+    # one MLflow run: the resolved job as params, every epoch's metrics exactly once
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(done.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "quickstart"
+    assert run.data.params["model.arch"] == "resnet50"
+    assert run.data.params["optim.lr_per_256"] == "0.1"
+    assert run.data.params["epochs"] == str(EPOCHS)
+    assert run.data.params["global_batch_size"] == "16"
+    for key in ("train/loss", "val/top1", "val/top5", "train/images_per_s"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+    top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
+    assert top1[EPOCHS - 1] == pytest.approx(done.metrics["val/top1"])
+
+    # the final weights, as plain tensors, load into the model
+    weights = Path(client.download_artifacts(run.info.run_id, "weights/model.safetensors", str(workdir)))
+    model = timm.create_model("resnet50", num_classes=4)
+    model.load_state_dict(load_file(weights))
+
+    # a third submission of a finished run trains nothing
+    again = submit(job, "faulty")
+    assert again.finished and again.metrics["val/top1"] == pytest.approx(done.metrics["val/top1"])
+    assert checkpoint.latest(done.run_dir) == checkpoint.latest(again.run_dir)
