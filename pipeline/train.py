@@ -1,4 +1,4 @@
-"""The per-worker training loop (run by Ray Train on every rank), `train_one_epoch` and `evaluate`.
+"""The per-worker training loop, run by Ray Train on every rank, and `train_one_epoch`.
 
 Every rank runs the same number of steps and calls `ray.train.report` the same number of times;
 only rank 0 writes checkpoints and logs to MLflow.
@@ -6,7 +6,6 @@ only rank 0 writes checkpoints and logs to MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import tempfile
@@ -18,14 +17,13 @@ import ray.train
 import ray.train.torch
 import timm
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from pipeline import checkpoint
 from pipeline.config import Job, from_dict
 from pipeline.dataset import load_index
 from pipeline.loader import Loader, build_loader
-from pipeline.optim import build_optimizer, lr_at, set_lr
+from pipeline.optim import build_optimizer, lr_at
+from pipeline.step import Stepper, all_reduce_sum, evaluate, uses_channels_last
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger("resnet_pipe")
@@ -79,8 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
         state = State(epoch=loaded["epoch"], step=loaded["step"])
         if rank == 0:
             log.info(f"resuming at epoch {state.epoch}, step {state.step}")
-    channels_last = job.run.channels_last if job.run.channels_last is not None else device.type == "cuda"
-    if channels_last:
+    if uses_channels_last(job, device):
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
 
@@ -91,11 +88,11 @@ def train_loop_per_worker(config: dict) -> None:
     if job.run.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.run.max_steps_per_epoch)
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    step_fn = Stepper(ddp_model, optimizer, job, device, channels_last)
+    step_fn = Stepper(ddp_model, optimizer, job, device)
 
     for epoch in range(state.epoch, job.epochs):
         train_metrics = train_one_epoch(step_fn, train_loader, state, steps_per_epoch, rank, world, config)
-        metrics = train_metrics | evaluate(model, val_loader, device, channels_last) | {"epoch": epoch}
+        metrics = train_metrics | evaluate(model, val_loader, device, job) | {"epoch": epoch}
         state.epoch = epoch + 1
         if rank == 0:
             log.info(
@@ -115,40 +112,6 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=saved)
     if rank == 0:
         logger.log_weights(model)
-
-
-class Stepper:
-    """One optimizer step: learning rate, autocast forward, loss, backward, update."""
-
-    def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, job: Job, device, channels_last: bool
-    ):
-        self.model, self.optimizer, self.job, self.device = model, optimizer, job, device
-        self.channels_last = channels_last
-        precision = job.run.precision
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=job.optim.label_smoothing)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
-        set_lr(self.optimizer, lr)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, self.autocast_dtype):
-            loss = self.loss_fn(self.model(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_one_epoch(
@@ -174,35 +137,5 @@ def train_one_epoch(
             # note: .item() is a device sync point, once every log_every_steps steps
             log.info(f"epoch {state.epoch} step {i + 1}/{steps} loss {loss.item():.4f} images/s {rate:.1f}")
     elapsed = time.perf_counter() - start
-    loss_mean = _all_reduce(torch.stack([loss_sum, torch.tensor(float(steps), device=loss_sum.device)]))
+    loss_mean = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=loss_sum.device)]))
     return {"train/loss": float(loss_mean[0] / loss_mean[1]), "train/images_per_s": images_seen / elapsed}
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Loader, device: torch.device, channels_last: bool = False
-) -> dict[str, float]:
-    """Top-1, top-5 and loss over every validation sample of every rank (each counted once).
-
-    Uses the bare model, not DDP: ranks may run different numbers of batches here.
-    """
-    model.eval()
-    totals = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, loss sum, samples
-    for images, labels, _ids in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top == labels[:, None]
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        count = torch.tensor(len(labels), device=device)
-        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, count]).float()
-    top1, top5, loss, count = _all_reduce(totals).tolist()
-    return {"val/top1": top1 / count, "val/top5": top5 / count, "val/loss": loss / count}
-
-
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
