@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import load_job
+from pipeline.optim import build_optimizer
+from pipeline.step import Stepper, autocast_dtype, evaluate, uses_channels_last
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits it was given for each sample id (the 'images' are the ids)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.logits[ids.long().reshape(-1)]
+
+
+def test_evaluate_counts_top1_top5_and_loss_by_hand() -> None:
+    job = load_job("quickstart")
+    # 6 classes; sample 0: right at rank 1, sample 1: right at rank 3, sample 2: right at rank 6
+    logits = torch.tensor([
+        [9.0, 1, 2, 3, 4, 5],
+        [1.0, 9, 8, 7, 2, 3],
+        [9.0, 8, 7, 6, 5, 4],
+    ])  # fmt: skip
+    labels = torch.tensor([0, 3, 5])
+    batches = [(torch.tensor([0, 1]), labels[:2], None), (torch.tensor([2]), labels[2:], None)]
+    metrics = evaluate(FixedLogits(logits), batches, torch.device("cpu"), job)
+    assert metrics["val/top1"] == pytest.approx(1 / 3)
+    assert metrics["val/top5"] == pytest.approx(2 / 3)
+    assert metrics["val/loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item())
+
+
+def test_precision_and_memory_format_follow_the_device() -> None:
+    job = load_job("quickstart")
+    assert autocast_dtype(job, torch.device("cpu")) is None
+    assert autocast_dtype(job, torch.device("cuda")) == torch.bfloat16
+    assert not uses_channels_last(job, torch.device("cpu")) and uses_channels_last(job, torch.device("cuda"))
+    fp16 = load_job("quickstart", ["run.precision='fp16'", "run.channels_last=false"])
+    assert autocast_dtype(fp16, torch.device("cuda")) == torch.float16
+    assert not uses_channels_last(fp16, torch.device("cuda"))
+
+
+def _learns(device: torch.device, precision: str) -> tuple[float, float]:
+    import timm
+
+    job = load_job("quickstart", [f"run.precision='{precision}'"])
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50", num_classes=4).to(device)
+    if uses_channels_last(job, device):
+        model = model.to(memory_format=torch.channels_last)
+    step = Stepper(model, build_optimizer(model, job), job, device)
+    images, labels = torch.randn(8, 3, 32, 32, device=device), torch.arange(8, device=device) % 4
+    losses = [step(images, labels, lr=0.05).item() for _ in range(8)]
+    return losses[0], losses[-1]
+
+
+def test_the_step_learns_a_fixed_batch_on_the_cpu() -> None:
+    first, last = _learns(torch.device("cpu"), "auto")
+    assert last < first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_the_step_learns_a_fixed_batch_on_the_gpu(precision: str) -> None:
+    first, last = _learns(torch.device("cuda"), precision)
+    assert last < first
