@@ -1,29 +1,39 @@
-"""Dataset indexing and verification: `resnet-pipe data prepare ROOT`.
+"""Dataset indexing and verification: `resnet-pipe data prepare ROOT`, and the index training reads.
 
-Reads ImageNet's folder layout (`ROOT/train/<class>/*`, `ROOT/val/<class>/*`), decodes every
-file once, and writes the index that training reads:
+`prepare` reads any layout of `pipeline.layouts`, decodes every file once (in parallel, with a
+progress bar), and writes ROOT/index/:
 
-    ROOT/index/classes.tsv   index <TAB> folder name, in sorted folder order (ImageFolder's order)
-    ROOT/index/train.tsv     relative path <TAB> class index, one decodable image a line
-    ROOT/index/val.tsv
-    ROOT/index/report.txt    counts, and every file left out with the reason
+    classes.tsv     index <TAB> class id (wnid) <TAB> name; index order = sorted class ids
+    train.tsv       relative path <TAB> class index, one usable image a line
+    val.tsv
+    manifest.jsonl  one line per file: path, size, mtime_ns, blake2b checksum, and why it was left out
+    dataset.json    layout, counts and the dataset hash (recorded by every run)
+    report.txt      counts, and every file left out with the reason
 
-Grayscale, CMYK and PNG-in-a-.JPEG files decode (to RGB, in the loader) and stay in; truncated,
-empty and undecodable files are left out and named in the report, so a bad file never stops
-training.
+The manifest makes `prepare` incremental and resumable: a file whose size and mtime match its
+manifest line is not decoded again, and lines are appended as files are checked, so an
+interrupted run picks up where it stopped. Grayscale, CMYK and PNG-in-a-.JPEG files stay in (the
+loader decodes them to RGB); truncated, empty and undecodable files are left out and reported.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-SPLITS = ("train", "val")
+from pipeline.layouts import SPLITS, LayoutError, read_layout
+
+INDEX = "index"
+MANIFEST = "manifest.jsonl"
 
 
 class DatasetError(ValueError):
@@ -32,11 +42,13 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Index:
-    """A prepared dataset: the class names and, per split, (relative path, label) pairs."""
+    """A prepared dataset: class ids and names, and per split (relative path, label) pairs."""
 
     root: Path
     classes: list[str]
+    names: list[str]
     splits: dict[str, list[tuple[str, int]]]
+    dataset_hash: str
 
     def files(self, split: str) -> list[str]:
         return [path for path, _ in self.splits[split]]
@@ -47,82 +59,151 @@ class Index:
 
 @dataclass(frozen=True)
 class Report:
+    layout: str
     counts: dict[str, int]  # split -> images kept
     rejected: list[tuple[str, str]]  # (relative path, reason)
     num_classes: int
+    dataset_hash: str
+    checked: int  # files decoded by this run
+    reused: int  # files whose manifest line was still valid
 
 
-def check_decodes(path: str) -> str | None:
-    """Decodes one file fully; returns None when it is a usable image, else the reason."""
+def check_file(path: str) -> dict:
+    """Reads and fully decodes one file: its size, mtime, checksum, and an error or None."""
+    stat = os.stat(path)
+    entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": None, "error": None}
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as image:
+        with open(path, "rb") as f:
+            data = f.read()
+        entry["blake2b"] = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if not data:
+            entry["error"] = "empty file"
+            return entry
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # decodes every pixel: truncated data raises here, not at open
             if image.width < 1 or image.height < 1:
-                return "zero-size image"
+                entry["error"] = "zero-size image"
     except Exception as e:  # PIL raises many types for corrupt data; every one means "left out"
-        return f"cannot decode: {e}".splitlines()[0]
-    return None
+        entry["error"] = f"cannot decode: {e}".splitlines()[0]
+    return entry
 
 
-def _scan(root: Path) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
-    """Class folders of train/, and per split the (relative path, class folder) of each image."""
-    train = root / "train"
-    if not train.is_dir():
-        raise DatasetError(
-            f"{root} has no train/ folder; expected ImageNet's layout ROOT/train/<class>/*.JPEG "
-            f"and ROOT/val/<class>/*.JPEG (make one with `resnet-pipe data synth DIR`)"
-        )
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetError(f"{train} holds no class folders")
-    files: dict[str, list[tuple[str, str]]] = {}
+def _check_one(item: tuple[str, str]) -> tuple[str, dict]:
+    rel, path = item
+    return rel, check_file(path)
+
+
+def _read_manifest(path: Path) -> dict[str, dict]:
+    entries: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # the last line of an interrupted run
+                continue
+            entries[entry.pop("path")] = entry
+    return entries
+
+
+def _still_valid(root: Path, rel: str, entry: dict | None) -> bool:
+    if entry is None:
+        return False
+    stat = os.stat(root / rel)
+    return entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns
+
+
+def _verify(root: Path, rels: list[str], workers: int | None) -> tuple[dict[str, dict], int]:
+    """Manifest entries for `rels`, decoding only new or changed files; returns them and the count decoded."""
+    out = root / INDEX
+    out.mkdir(exist_ok=True)
+    manifest = _read_manifest(out / MANIFEST)
+    todo = [rel for rel in rels if not _still_valid(root, rel, manifest.get(rel))]
+    if todo:
+        with (
+            open(out / MANIFEST, "a", encoding="utf-8") as log,
+            # spawn, not fork: the caller may hold threads (Ray, DALI) that a fork would copy mid-state
+            multiprocessing.get_context("spawn").Pool(workers or os.cpu_count()) as pool,
+            tqdm(total=len(todo), desc="verifying", unit="file", disable=None) as bar,
+        ):
+            for rel, entry in pool.imap_unordered(
+                _check_one, [(r, str(root / r)) for r in todo], chunksize=16
+            ):
+                manifest[rel] = entry
+                log.write(json.dumps({"path": rel} | entry, ensure_ascii=False) + "\n")
+                bar.update()
+    _write_lines(
+        out / MANIFEST, (json.dumps({"path": r} | manifest[r], ensure_ascii=False) for r in sorted(rels))
+    )
+    return {rel: manifest[rel] for rel in rels}, len(todo)
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> None:
+    """Writes atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def dataset_hash(classes: list[str], kept: dict[str, list[tuple[str, int, str]]]) -> str:
+    """sha256 over the classes and every kept (split, path, label, checksum): same data, same hash."""
+    digest = hashlib.sha256()
+    for i, class_id in enumerate(classes):
+        digest.update(f"class\t{i}\t{class_id}\n".encode())
     for split in SPLITS:
-        files[split] = []
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise DatasetError(f"{root} has no {split}/ folder")
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            if class_dir.name not in classes:
-                raise DatasetError(f"{class_dir} is a class that train/ does not have")
-            for path in sorted(class_dir.rglob("*")):
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    files[split].append((str(path.relative_to(root)), class_dir.name))
-    return classes, files
+        for rel, label, checksum in sorted(kept[split]):
+            digest.update(f"{split}\t{rel}\t{label}\t{checksum}\n".encode())
+    return digest.hexdigest()
 
 
 def prepare(root: Path, workers: int | None = None) -> Report:
     """Indexes and verifies the dataset at `root`, writing `root/index/`.
 
     Raises:
-        DatasetError: `root` is missing or not in the expected layout.
+        DatasetError: `root` is missing or in no known layout.
     """
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    classes, files = _scan(root)
-    class_index = {name: i for i, name in enumerate(classes)}
-    every = [rel for split in SPLITS for rel, _ in files[split]]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        reasons = dict(zip(every, pool.map(check_decodes, [str(root / r) for r in every], chunksize=64)))
+    try:
+        layout = read_layout(root)
+    except LayoutError as e:
+        raise DatasetError(str(e)) from None
+    index_of = {c: i for i, c in enumerate(layout.classes)}
+    rels = [rel for split in SPLITS for rel, _ in layout.files[split]]
+    entries, checked = _verify(root, rels, workers)
 
-    out = root / "index"
-    out.mkdir(exist_ok=True)
-    (out / "classes.tsv").write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(classes)))
-    counts = {}
+    kept: dict[str, list[tuple[str, int, str]]] = {}
+    rejected = []
     for split in SPLITS:
-        kept = [(rel, class_index[name]) for rel, name in files[split] if reasons[rel] is None]
-        counts[split] = len(kept)
-        (out / f"{split}.tsv").write_text("".join(f"{rel}\t{label}\n" for rel, label in kept))
-    rejected = sorted((rel, why) for rel, why in reasons.items() if why is not None)
-    report = Report(counts=counts, rejected=rejected, num_classes=len(classes))
-    (out / "report.txt").write_text(format_report(root, report))
+        kept[split] = []
+        for rel, class_id in layout.files[split]:
+            error = entries[rel]["error"]
+            if error is None and ("\t" in rel or "\n" in rel):
+                error = "a tab or newline in the file name (rename it)"
+            if error:
+                rejected.append((rel, error))
+            else:
+                kept[split].append((rel, index_of[class_id], entries[rel]["blake2b"]))
+    digest = dataset_hash(layout.classes, kept)
+
+    out = root / INDEX
+    _write_lines(out / "classes.tsv", (f"{i}\t{c}\t{layout.names[c]}" for i, c in enumerate(layout.classes)))
+    for split in SPLITS:
+        _write_lines(out / f"{split}.tsv", (f"{rel}\t{label}" for rel, label, _ in kept[split]))
+    counts = {split: len(kept[split]) for split in SPLITS}
+    report = Report(
+        layout.kind, counts, sorted(rejected), len(layout.classes), digest, checked, len(rels) - checked
+    )
+    summary = {"layout": layout.kind, "classes": len(layout.classes), "counts": counts, "hash": digest}
+    (out / "dataset.json").write_text(json.dumps(summary, indent=1))
+    (out / "report.txt").write_text(format_report(root, report), encoding="utf-8")
     return report
 
 
 def format_report(root: Path, report: Report) -> str:
-    lines = [f"dataset {root}: {report.num_classes} classes"]
+    lines = [f"dataset {root} ({report.layout} layout): {report.num_classes} classes"]
     lines += [f"  {split}: {n} images" for split, n in report.counts.items()]
+    lines.append(f"  decoded now: {report.checked} files; unchanged since the last prepare: {report.reused}")
+    lines.append(f"  dataset hash: {report.dataset_hash}")
     lines.append(f"  left out: {len(report.rejected)} files")
     lines += [f"    {rel}: {why}" for rel, why in report.rejected]
     return "\n".join(lines) + "\n"
@@ -136,12 +217,13 @@ def load_index(root: Path) -> Index:
     """
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist (set data.root, or --set data.root=DIR)")
-    out = root / "index"
-    if not (out / "classes.tsv").is_file():
+    out = root / INDEX
+    if not (out / "dataset.json").is_file():
         raise DatasetError(f"{root} is not prepared: run `resnet-pipe data prepare {root}` first")
-    classes = [line.split("\t", 1)[1] for line in (out / "classes.tsv").read_text().splitlines()]
+    rows = [line.split("\t") for line in (out / "classes.tsv").read_text(encoding="utf-8").splitlines()]
     splits = {}
     for split in SPLITS:
-        rows = [line.rsplit("\t", 1) for line in (out / f"{split}.tsv").read_text().splitlines()]
-        splits[split] = [(rel, int(label)) for rel, label in rows]
-    return Index(root=root, classes=classes, splits=splits)
+        lines = (out / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        splits[split] = [(rel, int(label)) for rel, label in (line.rsplit("\t", 1) for line in lines)]
+    digest = json.loads((out / "dataset.json").read_text())["hash"]
+    return Index(root, [r[1] for r in rows], [r[2] for r in rows], splits, digest)

@@ -16,6 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import checkpoint, tracking
 from pipeline.config import Job, to_dict
+from pipeline.dataset import load_index
 from pipeline.train import train_loop_per_worker
 
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
@@ -47,7 +48,8 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
     storage = Path(job.run.storage_path).resolve()
     run_dir = storage / run_name
     latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-    run_id = tracking.open_run(job, run_name, run_dir)
+    index = load_index(Path(job.data.root))  # raises DatasetError before anything starts
+    run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash)
     print(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
     if latest is not None:
         meta = checkpoint.read_meta(latest)
@@ -63,7 +65,7 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
         train_loop_per_worker,
         train_loop_config={
             "job": to_dict(job),
-            "data_root": str(Path(job.data.root).resolve()),
+            "data_root": str(index.root.resolve()),
             "tracking_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
             "fail_at_step": int(fault) if fault else None,

@@ -4,7 +4,7 @@ The driver opens (or reopens) the run, the workers' rank 0 logs metrics and arti
 by run id, and the driver closes it. The default store is a SQLite file in the working folder
 with artifacts beside it; MLFLOW_TRACKING_URI overrides both.
 
-    run_id = open_run(job, run_dir)
+    run_id = open_run(job, run_name, run_dir, dataset_hash)
     logger = RunLogger(tracking_uri(), run_id)        # on rank 0
     logger.log_metrics({"val/top1": 0.9}, step=3)
     close_run(run_id, succeeded=True)
@@ -44,7 +44,7 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def open_run(job: Job, run_name: str, run_dir: Path) -> str:
+def open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
     """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it."""
     client = MlflowClient(tracking_uri())
     id_file = run_dir / RUN_ID_FILE
@@ -52,9 +52,11 @@ def open_run(job: Job, run_name: str, run_dir: Path) -> str:
         run_id = id_file.read_text().strip()
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run_id
-    run = client.create_run(_experiment_id(client, job.name), run_name=run_name, tags={"job": job.name})
+    tags = {"job": job.name, "dataset_hash": dataset_hash}
+    run = client.create_run(_experiment_id(client, job.name), run_name=run_name, tags=tags)
     params = {key: str(value) for key, value in flatten(to_dict(job)).items()}
     params |= {"global_batch_size": str(job.global_batch_size), "peak_lr": str(job.peak_lr)}
+    params |= {"dataset_hash": dataset_hash}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.info.run_id)

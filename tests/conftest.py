@@ -64,3 +64,54 @@ def ray_session():
     ray.init(num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def build_layout(kind: str, source: Path, dest: Path) -> dict[str, str]:
+    """Rewrites a folder-layout dataset `source` into layout `kind` at `dest`.
+
+    Returns:
+        For every image written, its path relative to `dest` -> the class it must get.
+    """
+    import shutil
+
+    from scipy.io import savemat
+
+    classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
+    expected: dict[str, str] = {}
+    train_dir = dest / ("ILSVRC/Data/CLS-LOC/train" if kind == "kaggle" else "train")
+    for path in sorted((source / "train").rglob("*.JPEG")):
+        target = train_dir / path.relative_to(source / "train")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        expected[str(target.relative_to(dest))] = path.parent.name
+    val = sorted((source / "val").rglob("*.JPEG"))
+    if kind == "folders":
+        for path in val:
+            target = dest / "val" / path.relative_to(source / "val")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            expected[str(target.relative_to(dest))] = path.parent.name
+        return expected
+    val_dir = dest / ("ILSVRC/Data/CLS-LOC/val" if kind == "kaggle" else "val")
+    val_dir.mkdir(parents=True)
+    rows = []
+    for number, path in enumerate(val, start=1):
+        name = f"ILSVRC2012_val_{number:08d}"
+        shutil.copyfile(path, val_dir / f"{name}.JPEG")
+        expected[str((val_dir / f"{name}.JPEG").relative_to(dest))] = path.parent.name
+        rows.append((name, path.parent.name))
+    if kind == "kaggle":
+        lines = [f"{name},{cls} 10 20 30 40 {cls} 5 5 9 9" for name, cls in rows]
+        (dest / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(lines) + "\n")
+        (dest / "LOC_synset_mapping.txt").write_text("".join(f"{c} the {c}, a texture\n" for c in classes))
+    else:  # devkit: ILSVRC2012_IDs in an order unlike the sorted one, to catch an index mix-up
+        ids = {c: len(classes) - i for i, c in enumerate(classes)}
+        data = dest / "ILSVRC2012_devkit_t12" / "data"
+        data.mkdir(parents=True)
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[c]}\n" for _, c in rows))
+        synsets = np.array(
+            [(ids[c], c, f"the {c}") for c in classes],
+            dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O")],
+        )
+        savemat(str(data / "meta.mat"), {"synsets": synsets})
+    return expected

@@ -60,10 +60,51 @@ def test_labels_follow_the_folder_and_imagefolder_order(prepared_dataset: Path) 
         assert Path(path).parent.name == index.classes[label]
 
 
-def test_prepare_is_repeatable(prepared_dataset: Path) -> None:
+def test_prepare_is_repeatable_and_decodes_nothing_twice(prepared_dataset: Path) -> None:
     before = (prepared_dataset / "index" / "train.tsv").read_text()
-    prepare(prepared_dataset, workers=1)
+    report = prepare(prepared_dataset, workers=1)
     assert (prepared_dataset / "index" / "train.tsv").read_text() == before
+    assert report.checked == 0 and report.reused > 0
+
+
+def test_prepare_is_incremental(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 3, 2, seed=0)
+    first = prepare(tmp_path, workers=1)
+    assert first.checked == 20
+    changed = tmp_path / "train" / "dots" / "dots_00000.JPEG"
+    changed.write_bytes((tmp_path / "train" / "dots" / "dots_00001.JPEG").read_bytes())
+    (tmp_path / "val" / "dots" / "new.JPEG").write_bytes(changed.read_bytes())
+    second = prepare(tmp_path, workers=1)
+    assert (second.checked, second.reused) == (2, 19)
+    assert second.dataset_hash != first.dataset_hash
+    assert "val/dots/new.JPEG" in load_index(tmp_path).files("val")
+
+
+def test_an_interrupted_prepare_resumes_where_it_stopped(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 3, 2, seed=0)
+    complete = prepare(tmp_path, workers=1)
+    manifest = tmp_path / "index" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    # as if killed after 8 files, in the middle of writing the 9th line
+    manifest.write_text("\n".join(lines[:8]) + "\n" + lines[8][:20])
+    resumed = prepare(tmp_path, workers=1)
+    assert (resumed.checked, resumed.reused) == (12, 8)
+    assert resumed.dataset_hash == complete.dataset_hash
+    assert manifest.read_text().splitlines() == lines
+
+
+def test_file_names_with_spaces_quotes_and_non_ascii_work(tmp_path: Path) -> None:
+    write_dataset(tmp_path, 2, 1, seed=0)
+    source = tmp_path / "train" / "dots" / "dots_00000.JPEG"
+    odd = ["with space.JPEG", 'it\'s "quoted".JPEG', "élan-日本.JPEG"]
+    for name in odd:
+        (source.parent / name).write_bytes(source.read_bytes())
+    (source.parent / "tab\there.JPEG").write_bytes(source.read_bytes())
+    report = prepare(tmp_path, workers=1)
+    index = load_index(tmp_path)
+    for name in odd:
+        assert f"train/dots/{name}" in index.files("train")
+    assert ("train/dots/tab\there.JPEG", "a tab or newline in the file name (rename it)") in report.rejected
 
 
 def test_missing_or_unprepared_folders_are_clear_errors(tmp_path: Path) -> None:
@@ -71,6 +112,9 @@ def test_missing_or_unprepared_folders_are_clear_errors(tmp_path: Path) -> None:
         prepare(tmp_path / "nope")
     with pytest.raises(DatasetError, match="no train/ folder"):
         prepare(tmp_path)
+    (tmp_path / "x").mkdir()
+    with pytest.raises(DatasetError, match="not prepared"):
+        load_index(tmp_path / "x")
     with pytest.raises(DatasetError, match="does not exist"):
         load_index(tmp_path / "nope")
     with pytest.raises(DatasetError, match="data prepare"):

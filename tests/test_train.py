@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint
 from pipeline.config import load_job
+from pipeline.dataset import load_index
 from pipeline.launch import FAULT_ENV, submit
 from pipeline.tracking import tracking_uri
 
@@ -64,6 +65,7 @@ def test_fault_then_resume_finishes_one_tracked_run(
     assert run.data.params["optim.lr_per_256"] == "0.1"
     assert run.data.params["epochs"] == str(EPOCHS)
     assert run.data.params["global_batch_size"] == "16"
+    assert run.data.params["dataset_hash"] == load_index(prepared_dataset).dataset_hash
     for key in ("train/loss", "val/top1", "val/top5", "train/images_per_s"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
