@@ -4,8 +4,9 @@ A checkpoint is a folder with `checkpoint.pt` (a plain dict of tensors and primi
 with `weights_only=True`, never unpickling objects) and `meta.json` (epoch, step and metrics,
 readable without torch). Ray Train moves the folder to the run's storage.
 
-    save(folder, model=model, optimizer=optimizer, epoch=1, step=120, job=job, metrics={...})
-    state = load(folder)   # {"model": ..., "optimizer": ..., "epoch": 1, "step": 120, "job": {...}}
+    save(folder, model=model, optimizer=optimizer, epoch=1, step=120, epoch_step=0, ranks=[...],
+         job=job, metrics={...})
+    state = load(folder)   # {"model": ..., "optimizer": ..., "epoch": 1, "step": 120, "ranks": [...], ...}
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from pipeline.config import Job, to_dict
 
-FORMAT = 1
+FORMAT = 2
 WEIGHTS = "checkpoint.pt"
 META = "meta.json"
 
@@ -31,12 +32,26 @@ def save(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     step: int,
+    epoch_step: int,
+    ranks: list[dict[str, Any]],
     job: Job,
     metrics: dict[str, float],
 ) -> None:
-    """Writes a checkpoint into `folder`. `epoch` is the next epoch to run, `step` the next step."""
-    meta = {"format": FORMAT, "epoch": epoch, "step": step, "metrics": metrics}
-    state = meta | {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "job": to_dict(job)}
+    """Writes a checkpoint into `folder`.
+
+    Args:
+        epoch, step, epoch_step: the epoch in progress, the next global step, and the steps of
+            `epoch` already taken (0 at an epoch boundary, where `epoch` is the next to run).
+        ranks: per rank, in rank order: "loader" (the DALI pipeline's serialized state) and
+            "torch_rng" (torch's CPU RNG state).
+    """
+    meta = {"format": FORMAT, "epoch": epoch, "step": step, "epoch_step": epoch_step, "metrics": metrics}
+    state = meta | {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ranks": ranks,
+        "job": to_dict(job),
+    }
     torch.save(state, folder / WEIGHTS)
     (folder / META).write_text(json.dumps(meta, indent=1))
 
@@ -54,8 +69,6 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The checkpoint folder under `run_dir` with the highest (epoch, step), or None."""
-    found = [(read_meta(p.parent), p.parent) for p in run_dir.glob(f"*/{META}")]
-    if not found:
-        return None
-    return max(found, key=lambda item: (item[0]["epoch"], item[0]["step"]))[1]
+    """The checkpoint folder under `run_dir` with the highest step, or None."""
+    found = [(read_meta(p.parent)["step"], p.parent) for p in run_dir.glob(f"*/{META}")]
+    return max(found)[1] if found else None

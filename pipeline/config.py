@@ -73,6 +73,8 @@ class Run:
     storage_path: str = "runs"  # checkpoints go to <storage_path>/<run name>/
     max_failures: int = 0  # worker failures Ray Train retries from the last checkpoint
     keep_checkpoints: int = 2  # the latest k checkpoints are kept in storage
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N global steps (0: at epoch ends only)
+    sample_log: bool = False  # each rank appends the sample ids of every batch to <run>/samples/
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None: on CUDA only
     log_every_steps: int = 10  # progress lines per worker-0 steps

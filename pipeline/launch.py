@@ -53,7 +53,7 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
     print(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
     if latest is not None:
         meta = checkpoint.read_meta(latest)
-        if meta["epoch"] >= job.epochs:
+        if meta["epoch"] >= job.epochs and meta["epoch_step"] == 0:
             print(f"run '{run_name}' already finished {job.epochs} epochs; nothing to do")
             tracking.close_run(run_id, succeeded=True)
             return Outcome(True, meta["metrics"], run_id, run_dir)
@@ -66,6 +66,7 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
         train_loop_config={
             "job": to_dict(job),
             "data_root": str(index.root.resolve()),
+            "run_dir": str(run_dir),
             "tracking_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
             "fail_at_step": int(fault) if fault else None,

@@ -6,6 +6,7 @@ only rank 0 writes checkpoints and logs to MLflow.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -17,13 +18,14 @@ import ray.train
 import ray.train.torch
 import timm
 import torch
+from torch import nn
 
 from pipeline import checkpoint
 from pipeline.config import Job, from_dict
 from pipeline.dataset import load_index
 from pipeline.loader import Loader, build_loader
 from pipeline.optim import build_optimizer, lr_at
-from pipeline.step import Stepper, all_reduce_sum, evaluate, uses_channels_last
+from pipeline.step import Stepper, all_reduce_sum, evaluate, gather_objects, uses_channels_last
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger("resnet_pipe")
@@ -47,17 +49,33 @@ def _setup_logging() -> None:
 
 @dataclass
 class State:
-    epoch: int = 0  # next epoch to run
+    epoch: int = 0  # the epoch in progress (or next to run, when epoch_step is 0)
     step: int = 0  # next global step (optimizer steps since the start)
+    epoch_step: int = 0  # steps of `epoch` already taken: > 0 only in a mid-epoch checkpoint
+
+
+@dataclass
+class Worker:
+    """What every part of one rank's loop shares."""
+
+    job: Job
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # the bare model: checkpoints and evaluation use it, not the DDP wrapper
+    optimizer: torch.optim.Optimizer
+    logger: RunLogger | None  # rank 0 only
+    sample_log: Path | None  # where this rank appends the ids of every batch, when asked
+    fail_at_step: int | None  # an injected fault, for tests
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's entry point. `config`: job (resolved, as a dict), data_root, tracking_uri,
-    mlflow_run_id, and fail_at_step (an injected fault for tests, or None)."""
+    """Ray Train's entry point. `config`: job (resolved, as a dict), data_root, run_dir,
+    tracking_uri, mlflow_run_id, and fail_at_step (an injected fault for tests, or None)."""
     _setup_logging()
     job: Job = from_dict(config["job"])
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(job.scaling.cpus_per_worker)
 
@@ -67,75 +85,117 @@ def train_loop_per_worker(config: dict) -> None:
     model = timm.create_model(
         job.model.arch, num_classes=len(index.classes), zero_init_last=job.model.zero_init_last_bn
     )
-    optimizer = build_optimizer(model, job)
-    state = State()
-    if (saved := ray.train.get_checkpoint()) is not None:
-        with saved.as_directory() as folder:
-            loaded = checkpoint.load(Path(folder))
-        model.load_state_dict(loaded["model"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        state = State(epoch=loaded["epoch"], step=loaded["step"])
-        if rank == 0:
-            log.info(f"resuming at epoch {state.epoch}, step {state.step}")
+    worker = Worker(
+        job, rank, world, device, model, build_optimizer(model, job),
+        logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
+        sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
+        fail_at_step=config.get("fail_at_step"),
+    )  # fmt: skip
+    state, loader_state = _restore(worker)
     if uses_channels_last(job, device):
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
 
-    # data: the reader's order depends on the epoch it starts at, so a resumed run does not replay epoch 0
-    train_loader = build_loader(job, index, "train", rank, world, device, seed=job.seed + state.epoch)
+    # data: a restored loader continues at the exact sample (and augmentation draw) it stopped at
+    train_loader = build_loader(job, index, "train", rank, world, device, checkpoint=loader_state)
     val_loader = build_loader(job, index, "val", rank, world, device)
     steps_per_epoch = len(train_loader)
     if job.run.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.run.max_steps_per_epoch)
-    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    step_fn = Stepper(ddp_model, optimizer, job, device)
+    step_fn = Stepper(ddp_model, worker.optimizer, job, device)
 
     for epoch in range(state.epoch, job.epochs):
-        train_metrics = train_one_epoch(step_fn, train_loader, state, steps_per_epoch, rank, world, config)
+        train_metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
         metrics = train_metrics | evaluate(model, val_loader, device, job) | {"epoch": epoch}
-        state.epoch = epoch + 1
+        state.epoch, state.epoch_step = epoch + 1, 0
         if rank == 0:
             log.info(
                 f"epoch {epoch}: train/loss {metrics['train/loss']:.4f}  val/top1 {metrics['val/top1']:.4f}  "
                 f"val/top5 {metrics['val/top5']:.4f}  train/images_per_s {metrics['train/images_per_s']:.1f}"
             )
-            logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        # every rank reports the same number of times, or the job hangs; only rank 0 writes files
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = None
-            if rank == 0:
-                checkpoint.save(
-                    Path(tmp), model=model, optimizer=optimizer, epoch=state.epoch, step=state.step,
-                    job=job, metrics=metrics,
-                )  # fmt: skip
-                saved = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=saved)
+            worker.logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        _save_and_report(worker, state, train_loader, metrics)
     if rank == 0:
-        logger.log_weights(model)
+        worker.logger.log_weights(model)
+
+
+def _restore(worker: Worker) -> tuple[State, str | None]:
+    """Loads the latest checkpoint, if any, into the model and optimizer; returns the state and
+    this rank's data-pipeline state (None: start the loader afresh)."""
+    saved = ray.train.get_checkpoint()
+    if saved is None:
+        return State(), None
+    with saved.as_directory() as folder:
+        loaded = checkpoint.load(Path(folder))
+    worker.model.load_state_dict(loaded["model"])
+    worker.optimizer.load_state_dict(loaded["optimizer"])
+    state = State(loaded["epoch"], loaded["step"], loaded["epoch_step"])
+    ranks = loaded["ranks"]
+    if len(ranks) == worker.world:
+        torch.set_rng_state(ranks[worker.rank]["torch_rng"])
+        loader_state = ranks[worker.rank]["loader"]
+    else:  # another number of workers: the shards differ, so the epoch in progress starts over
+        state.step, state.epoch_step, loader_state = state.step - state.epoch_step, 0, None
+    if worker.rank == 0:
+        log.info(f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch)")
+    return state, loader_state
+
+
+def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict[str, float]) -> None:
+    """A checkpoint with every rank's data-pipeline and RNG state, reported through Ray Train.
+
+    Every rank calls this the same number of times (report is collective); only rank 0 writes.
+    """
+    mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state()}
+    ranks = gather_objects(mine)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = None
+        if worker.rank == 0:
+            checkpoint.save(
+                Path(tmp), model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
+                epoch_step=state.epoch_step, ranks=ranks, job=worker.job, metrics=metrics,
+            )  # fmt: skip
+            saved = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=saved)
 
 
 def train_one_epoch(
-    step_fn: Stepper, loader: Loader, state: State, steps: int, rank: int, world: int, config: dict
+    worker: Worker, step_fn: Stepper, loader: Loader, state: State, steps: int
 ) -> dict[str, float]:
-    """Runs `steps` steps; returns the mean loss over all ranks and the global images/s."""
+    """Runs the rest of the epoch (`steps` in all); returns the mean loss over the ranks and the
+    global images/s. Checkpoints every `run.checkpoint_every_steps` steps as well."""
     step_fn.model.train()
-    job = step_fn.job
-    loss_sum = torch.zeros((), device=step_fn.device)
-    images_seen = 0
+    job = worker.job
+    loss_sum = torch.zeros((), device=worker.device)
+    first, images_seen = state.epoch_step, 0
     start = time.perf_counter()
-    for i, (images, labels, _ids) in enumerate(loader):
-        if i == steps:
+    for images, labels, ids in loader:
+        if state.epoch_step == steps:
             break
-        if config.get("fail_at_step") == state.step and rank == 0:
+        if worker.fail_at_step == state.step and worker.rank == 0:
             raise RuntimeError(f"injected fault at step {state.step} (RESNET_PIPE_FAIL_AT_STEP)")
+        if worker.sample_log:
+            _append_ids(worker.sample_log, state, ids)
         loss = step_fn(images, labels, lr_at(state.step, job, steps))
         loss_sum += loss
-        images_seen += images.shape[0] * world
+        images_seen += images.shape[0] * worker.world
         state.step += 1
-        if rank == 0 and (i + 1) % job.run.log_every_steps == 0:
+        state.epoch_step += 1
+        if worker.rank == 0 and state.epoch_step % job.run.log_every_steps == 0:
             rate = images_seen / (time.perf_counter() - start)
             # note: .item() is a device sync point, once every log_every_steps steps
-            log.info(f"epoch {state.epoch} step {i + 1}/{steps} loss {loss.item():.4f} images/s {rate:.1f}")
+            progress = f"epoch {state.epoch} step {state.epoch_step}/{steps}"
+            log.info(f"{progress} loss {loss.item():.4f} images/s {rate:.1f}")
+        every = job.run.checkpoint_every_steps
+        if every and state.step % every == 0 and state.epoch_step < steps:
+            _save_and_report(worker, state, loader, {"train/step_loss": float(loss), "epoch": state.epoch})
     elapsed = time.perf_counter() - start
-    loss_mean = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(steps), device=loss_sum.device)]))
+    taken = torch.tensor(float(state.epoch_step - first), device=loss_sum.device)
+    loss_mean = all_reduce_sum(torch.stack([loss_sum, taken]))
     return {"train/loss": float(loss_mean[0] / loss_mean[1]), "train/images_per_s": images_seen / elapsed}
+
+
+def _append_ids(path: Path, state: State, ids: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"epoch": state.epoch, "step": state.step, "ids": ids.tolist()}) + "\n")

@@ -140,3 +140,22 @@ def test_the_sample_order_follows_the_seed(job: Job, index: Index) -> None:
 
     assert first_ids(3) == first_ids(3)
     assert first_ids(3) != first_ids(4)
+
+
+def test_a_restored_loader_continues_exactly_mid_epoch(job: Job, index: Index) -> None:
+    """Interrupted 3 batches into epoch 2 and rebuilt from its state, the loader yields the same
+    ids and the same augmented pixels as one that never stopped."""
+    per_epoch = len(build_loader(job, index, "train"))
+    never_stopped = build_loader(job, index, "train")
+    expected = [(ids.tolist(), images.clone()) for _ in range(2) for images, _, ids in never_stopped]
+
+    first = build_loader(job, index, "train")
+    seen = [(ids.tolist(), images.clone()) for images, _, ids in first]  # epoch 1 in full
+    for images, _, ids in first:  # 3 batches into epoch 2, then "crash"
+        seen.append((ids.tolist(), images.clone()))
+        if len(seen) == per_epoch + 3:
+            break
+    resumed = build_loader(job, index, "train", checkpoint=first.state())
+    seen += [(ids.tolist(), images.clone()) for images, _, ids in resumed]
+    assert [ids for ids, _ in seen] == [ids for ids, _ in expected]
+    assert all(torch.equal(got, want) for (_, got), (_, want) in zip(seen, expected))

@@ -3,10 +3,12 @@ it fails at an injected fault, and a second submission resumes it to the end."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import timm
+import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -27,22 +29,27 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def _small_job(root: Path, *overrides: str):
+    # 50 train images, 2 workers x 8 = 3 steps per epoch per worker
+    return load_job(
+        "quickstart",
+        [f"data.root='{root}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8", "data.crop_px=32",
+         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1", *overrides],
+    )  # fmt: skip
+
+
 def test_fault_then_resume_finishes_one_tracked_run(
     ray_session, prepared_dataset, workdir, monkeypatch
 ) -> None:
-    # 50 train images, 2 workers x 8 = 3 steps per epoch per worker
-    job = load_job(
-        "quickstart",
-        [f"data.root='{prepared_dataset}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8",
-         "data.crop_px=32", "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1"],
-    )  # fmt: skip
+    job = _small_job(prepared_dataset)
 
     # first submission: rank 0 raises at global step 4 (epoch 1), after epoch 0's checkpoint
     monkeypatch.setenv(FAULT_ENV, "4")
     failed = submit(job, "faulty")
     assert not failed.finished and "injected fault" in failed.error
     saved = checkpoint.latest(failed.run_dir)
-    assert checkpoint.read_meta(saved)["epoch"] == 1 and checkpoint.read_meta(saved)["step"] == 3
+    meta = checkpoint.read_meta(saved)
+    assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 3, 0)
 
     # second submission of the same run: resumes at epoch 1, not from scratch
     monkeypatch.delenv(FAULT_ENV)
@@ -81,3 +88,40 @@ def test_fault_then_resume_finishes_one_tracked_run(
     again = submit(job, "faulty")
     assert again.finished and again.metrics["val/top1"] == pytest.approx(done.metrics["val/top1"])
     assert checkpoint.latest(done.run_dir) == checkpoint.latest(again.run_dir)
+
+
+def _samples(run_dir: Path) -> dict[tuple[int, int], list[int]]:
+    """(rank, step) -> the sample ids of that batch; a step run again after a resume counts once."""
+    seen = {}
+    for rank in range(2):
+        for line in (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            seen[rank, record["step"]] = record["ids"]
+    return seen
+
+
+def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
+    ray_session, prepared_dataset, workdir, monkeypatch
+) -> None:
+    job = _small_job(prepared_dataset, "epochs=2", "run.checkpoint_every_steps=2", "run.sample_log=true")
+    straight = submit(job, "straight")
+    assert straight.finished, straight.error
+
+    # the fault hits at step 5, the 3rd step of epoch 1; the last checkpoint is mid-epoch, at step 4
+    monkeypatch.setenv(FAULT_ENV, "5")
+    failed = submit(job, "interrupted")
+    assert not failed.finished
+    meta = checkpoint.read_meta(checkpoint.latest(failed.run_dir))
+    assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 4, 1)
+    monkeypatch.delenv(FAULT_ENV)
+    resumed = submit(job, "interrupted")
+    assert resumed.finished, resumed.error
+
+    expected, got = _samples(straight.run_dir), _samples(resumed.run_dir)
+    assert sorted(got) == sorted(expected) == [(rank, step) for rank in range(2) for step in range(6)]
+    assert got == expected
+    # and the same weights at the end, to float tolerance (same seed, same data, same order)
+    end_a = checkpoint.load(checkpoint.latest(straight.run_dir))["model"]
+    end_b = checkpoint.load(checkpoint.latest(resumed.run_dir))["model"]
+    for name, tensor in end_a.items():
+        torch.testing.assert_close(end_b[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
