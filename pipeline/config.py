@@ -32,6 +32,20 @@ class Data:
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip_prob: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )  # brightness, contrast, saturation, hue
+    auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugment Wide or RandAugment
+    rand_augment_n: int = 2  # operations per image (Cubuk et al. 2019)
+    rand_augment_m: int = 9  # magnitude, of 30 bins
+    random_erasing_prob: float = 0.0  # torchvision's recipe uses 0.1 (Zhong et al. 2017)
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0 turns mixup off (recipes: 0.2)
+    cutmix_alpha: float = 0.0  # 0 turns CutMix off (recipes: 1.0)
+    cutmix_prob: float = 0.5  # with both on, the share of batches that get CutMix
+    progressive_px: tuple[tuple[int, int], ...] = ()  # [[epoch, crop_px], ...]: crop grows from that epoch
     val_resize_px: int = 256  # shorter side before the center crop (224/256 = 0.875, He et al.)
     val_crop_px: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean, 0..1 scale
@@ -93,6 +107,14 @@ class Job:
     optim: Optim = field(default_factory=Optim)
     scaling: Scaling = field(default_factory=Scaling)
     run: Run = field(default_factory=Run)
+
+    def crop_px_at(self, epoch: int) -> int:
+        """The training crop for `epoch`: progressive resizing (Tan and Le 2021), else `data.crop_px`."""
+        crop = self.data.crop_px
+        for start, size in sorted(self.data.progressive_px):
+            if epoch >= start:
+                crop = size
+        return crop
 
     @property
     def global_batch_size(self) -> int:

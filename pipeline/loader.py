@@ -23,6 +23,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from pipeline import augment
 from pipeline.config import Data, Job
 from pipeline.dataset import Index
 
@@ -62,11 +63,19 @@ def _normalize(images, data: Data, mirror=None, crop_px: int | None = None):
     )
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)  # auto_aug picks an operation per sample with DALI's conditionals
 def train_pipeline(
-    data: Data, files: list[str], file_root: str, shard_id: int, num_shards: int, gpu: bool, order_seed: int
+    data: Data,
+    files: list[str],
+    file_root: str,
+    shard_id: int,
+    num_shards: int,
+    gpu: bool,
+    order_seed: int,
+    crop_px: int,
 ):
-    """Random-resized crop (decoded only inside the crop), resize, flip, normalize."""
+    """Random-resized crop (decoded only inside the crop), resize, the job's augmentations
+    (`pipeline.augment`), flip, normalize."""
     encoded, ids = _read(files, file_root, shard_id, num_shards, train=True, seed=order_seed)
     images = fn.decoders.image_random_crop(
         encoded,
@@ -76,9 +85,16 @@ def train_pipeline(
         random_aspect_ratio=list(data.ratio),
         num_attempts=10,  # then the whole image, as torchvision's RandomResizedCrop falls back
     )
-    images = fn.resize(images, size=[data.crop_px, data.crop_px], interp_type=types.INTERP_LINEAR)
+    images = fn.resize(images, size=[crop_px, crop_px], interp_type=types.INTERP_LINEAR)
+    if any(data.color_jitter):
+        images = augment.color_jitter(images, data)
+    if data.auto_augment != "none":
+        images = augment.auto_augment(images, data)
     mirror = fn.random.coin_flip(probability=data.hflip_prob)
-    return _normalize(images, data, mirror=mirror), ids
+    images = _normalize(images, data, mirror=mirror)
+    if data.random_erasing_prob > 0:
+        images = augment.random_erasing(images, data)
+    return images, ids
 
 
 @pipeline_def
@@ -105,7 +121,7 @@ class Loader:
     def __len__(self) -> int:
         return len(self._iterator)
 
-    def state(self) -> str:
+    def state(self) -> bytes:
         """The pipeline's exact position and RNG state (DALI checkpointing), prefetched batches
         accounted for: `build_loader(..., checkpoint=state)` continues with the next batch."""
         return self._iterator.checkpoints()[0]
@@ -125,10 +141,13 @@ def build_loader(
     num_shards: int = 1,
     device: torch.device | None = None,
     seed: int | None = None,
-    checkpoint: str | None = None,
+    checkpoint: bytes | None = None,
+    crop_px: int | None = None,
 ) -> Loader:
     """A loader over `split` of `index`, sharded `shard_id` of `num_shards`, restored from
-    `checkpoint` (a `Loader.state()`) when given.
+    `checkpoint` (a `Loader.state()`) when given. `crop_px` overrides the training crop (for
+    progressive resizing: a loader rebuilt at another size from the state of the last one
+    continues the same sample order).
 
     Training drops the last partial batch (every shard runs the same number of steps);
     validation yields every sample of its shard exactly once, the last batch partial.
@@ -136,9 +155,10 @@ def build_loader(
     device = device or torch.device("cpu")
     gpu = device.type == "cuda"
     train = split == "train"
-    make = train_pipeline if train else val_pipeline
     seed = job.seed if seed is None else seed
-    pipe = make(
+    extra = {"crop_px": crop_px or job.data.crop_px} if train else {}
+    pipe = (train_pipeline if train else val_pipeline)(
+        **extra,
         data=job.data,
         files=index.files(split),
         file_root=str(index.root),

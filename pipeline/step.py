@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import Job
+from pipeline.mix import mix_batch
 from pipeline.optim import set_lr
 
 
@@ -42,10 +43,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 class Stepper:
-    """One optimizer step: learning rate, autocast forward, loss, backward, update."""
+    """One optimizer step: learning rate, mixup/CutMix, autocast forward, loss, backward, update."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job: Job, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        job: Job,
+        device: torch.device,
+        num_classes: int,
+    ):
         self.model, self.optimizer, self.job, self.device = model, optimizer, job, device
+        self.num_classes = num_classes
         self.channels_last = uses_channels_last(job, device)
         self.autocast_dtype = autocast_dtype(job, device)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not
@@ -56,8 +65,12 @@ class Stepper:
         set_lr(self.optimizer, lr)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        data = self.job.data
+        images, targets = mix_batch(
+            images, labels, self.num_classes, data.mixup_alpha, data.cutmix_alpha, data.cutmix_prob
+        )
         with autocast(self.device, self.autocast_dtype):
-            loss = self.loss_fn(self.model(images), labels)
+            loss = self.loss_fn(self.model(images), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -85,6 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = timm.create_model(
         job.model.arch, num_classes=len(index.classes), zero_init_last=job.model.zero_init_last_bn
     )
+    torch.manual_seed(job.seed + 1 + rank)  # from here on (mixup draws) each rank has its own stream
     worker = Worker(
         job, rank, world, device, model, build_optimizer(model, job),
         logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
@@ -97,14 +98,23 @@ def train_loop_per_worker(config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
 
     # data: a restored loader continues at the exact sample (and augmentation draw) it stopped at
-    train_loader = build_loader(job, index, "train", rank, world, device, checkpoint=loader_state)
+    crop_px = job.crop_px_at(state.epoch)
+    train_loader = build_loader(
+        job, index, "train", rank, world, device, checkpoint=loader_state, crop_px=crop_px
+    )
     val_loader = build_loader(job, index, "val", rank, world, device)
     steps_per_epoch = len(train_loader)
     if job.run.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.run.max_steps_per_epoch)
-    step_fn = Stepper(ddp_model, worker.optimizer, job, device)
+    step_fn = Stepper(ddp_model, worker.optimizer, job, device, num_classes=len(index.classes))
 
     for epoch in range(state.epoch, job.epochs):
+        if job.crop_px_at(epoch) != crop_px:  # progressive resizing: same sample order, new size
+            crop_px = job.crop_px_at(epoch)
+            position = train_loader.state()
+            train_loader = build_loader(
+                job, index, "train", rank, world, device, checkpoint=position, crop_px=crop_px
+            )
         train_metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
         metrics = train_metrics | evaluate(model, val_loader, device, job) | {"epoch": epoch}
         state.epoch, state.epoch_step = epoch + 1, 0

@@ -32,7 +32,7 @@ def measure(arch: str, batch: int, precision: str, compile_model: bool = False) 
     model = timm.create_model(arch, num_classes=1000).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, job)
     runnable = torch.compile(model) if compile_model else model
-    step = Stepper(runnable, optimizer, job, device)
+    step = Stepper(runnable, optimizer, job, device, num_classes=1000)
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     compile_start = time.perf_counter()

@@ -89,3 +89,9 @@ def test_override_values_parse_as_toml_else_string() -> None:
 def test_jobs_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Job().epochs = 3  # type: ignore[misc]
+
+
+def test_progressive_resizing_picks_the_crop_by_epoch() -> None:
+    job = load_job("quickstart", ["data.progressive_px=[[0, 128], [3, 160], [6, 224]]"])
+    assert [job.crop_px_at(e) for e in (0, 2, 3, 5, 6, 89)] == [128, 128, 160, 160, 224, 224]
+    assert load_job("quickstart").crop_px_at(5) == 64  # no schedule: data.crop_px

@@ -16,18 +16,23 @@ from pipeline.loader import build_loader
 BATCH = 8
 
 
-@pytest.fixture(scope="module")
-def job(prepared_dataset: Path) -> Job:
+def _job(root: Path, *overrides: str) -> Job:
     return load_job(
         "quickstart",
         [
-            f"data.root='{prepared_dataset}'",
+            f"data.root='{root}'",
             f"scaling.batch_size_per_worker={BATCH}",
             "data.crop_px=48",
             "data.val_resize_px=40",
             "data.val_crop_px=32",
+            *overrides,
         ],
     )
+
+
+@pytest.fixture(scope="module")
+def job(prepared_dataset: Path) -> Job:
+    return _job(prepared_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +164,45 @@ def test_a_restored_loader_continues_exactly_mid_epoch(job: Job, index: Index) -
     seen += [(ids.tolist(), images.clone()) for images, _, ids in resumed]
     assert [ids for ids, _ in seen] == [ids for ids, _ in expected]
     assert all(torch.equal(got, want) for (_, got), (_, want) in zip(seen, expected))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.color_jitter=[0.4, 0.4, 0.4, 0.1]"],
+        ["data.auto_augment='trivial'"],
+        ["data.auto_augment='rand'", "data.rand_augment_n=3", "data.rand_augment_m=15"],
+        ["data.random_erasing_prob=1.0"],
+    ],
+    ids=["color-jitter", "trivial-augment", "rand-augment", "random-erasing"],
+)
+def test_each_augmentation_changes_the_pixels_but_not_the_samples(
+    overrides: list[str], prepared_dataset: Path, index: Index
+) -> None:
+    plain = next(iter(build_loader(_job(prepared_dataset), index, "train")))
+    images, labels, ids = next(iter(build_loader(_job(prepared_dataset, *overrides), index, "train")))
+    assert torch.equal(ids, plain[2]) and torch.equal(labels, plain[1])  # same samples, same order
+    assert images.shape == plain[0].shape and images.dtype == torch.float32
+    assert not torch.allclose(images, plain[0])
+
+
+def test_random_erasing_writes_zero_rectangles(prepared_dataset: Path, index: Index) -> None:
+    erasing = _job(prepared_dataset, "data.random_erasing_prob=1.0")
+    images, _, _ = next(iter(build_loader(erasing, index, "train")))
+    zero_share = (images == 0).all(dim=1).float().mean(dim=(1, 2))  # pixels zero in every channel
+    assert (zero_share >= 0.01).all() and (zero_share <= 0.34).all()
+
+
+def test_progressive_resizing_keeps_the_sample_order(job: Job, index: Index) -> None:
+    steady = build_loader(job, index, "train")
+    expected = [ids.tolist() for _ in range(2) for _, _, ids in steady]
+    small = build_loader(job, index, "train", crop_px=32)
+    seen = []
+    for images, _, ids in small:
+        seen.append(ids.tolist())
+        assert images.shape[-2:] == (32, 32)
+    large = build_loader(job, index, "train", checkpoint=small.state(), crop_px=56)
+    for images, _, ids in large:
+        seen.append(ids.tolist())
+        assert images.shape[-2:] == (56, 56)
+    assert seen == expected

@@ -54,7 +54,7 @@ def _learns(device: torch.device, precision: str) -> tuple[float, float]:
     model = timm.create_model("resnet50", num_classes=4).to(device)
     if uses_channels_last(job, device):
         model = model.to(memory_format=torch.channels_last)
-    step = Stepper(model, build_optimizer(model, job), job, device)
+    step = Stepper(model, build_optimizer(model, job), job, device, num_classes=4)
     images, labels = torch.randn(8, 3, 32, 32, device=device), torch.arange(8, device=device) % 4
     losses = [step(images, labels, lr=0.05).item() for _ in range(8)]
     return losses[0], losses[-1]
