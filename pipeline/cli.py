@@ -95,6 +95,26 @@ def data_prepare(root: Path, workers: int | None) -> None:
     click.echo(f"index written to {root / 'index'}")
 
 
+@data.command("preview")
+@click.argument("job_name", metavar="JOB")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("preview.png"), show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
+@click.option("--count", default=16, show_default=True, help="Samples to draw (at most one batch).")
+@click.option("--seed", default=0, show_default=True)
+def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: int, seed: int) -> None:
+    """Write a grid of JOB's augmented training samples, with their class names, to --out."""
+    from pipeline.dataset import load_index
+    from pipeline.preview import write_preview
+
+    job = _load(job_name, overrides)
+    try:
+        load_index(Path(job.data.root))
+    except DatasetError as e:
+        _fail(str(e))
+    shown = write_preview(job, out, count, seed)
+    click.echo(f"wrote {shown} augmented samples of {job_name} to {out}")
+
+
 @main.command()
 @click.argument("job_name", metavar="JOB")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
