@@ -83,9 +83,15 @@ def data_synth(directory: Path, train_per_class: int, val_per_class: int, seed: 
 @data.command("prepare")
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: all cores).")
-def data_prepare(root: Path, workers: int | None) -> None:
-    """Index ROOT (train/<class>/*, val/<class>/*), check every file decodes, write ROOT/index/."""
-    from pipeline.dataset import format_report, prepare
+@click.option("--shards", is_flag=True, help="Also write webdataset tar shards (ROOT/index/shards/).")
+@click.option("--shard-size", default=1024, show_default=True, help="Samples per shard.")
+def data_prepare(root: Path, workers: int | None, shards: bool, shard_size: int) -> None:
+    """Index ROOT and check that every file decodes; writes ROOT/index/.
+
+    Layouts: ROOT/{train,val}/<class>/*; Kaggle's ILSVRC/Data/CLS-LOC with LOC_val_solution.csv;
+    or a flat val/ with the ILSVRC-2012 devkit. A re-run decodes only new or changed files.
+    """
+    from pipeline.dataset import format_report, load_index, prepare
 
     try:
         report = prepare(root, workers)
@@ -93,6 +99,12 @@ def data_prepare(root: Path, workers: int | None) -> None:
         _fail(str(e))
     click.echo(format_report(root, report), nl=False)
     click.echo(f"index written to {root / 'index'}")
+    if shards:
+        from pipeline.shards import shard_dir, write_shards
+
+        written = write_shards(load_index(root), shard_size)
+        counts = ", ".join(f"{len(names)} {split}" for split, names in written.items())
+        click.echo(f"shards ({counts}) in {shard_dir(root)}")
 
 
 @data.command("preview")
@@ -144,3 +156,35 @@ def submit(job_name: str, overrides: tuple[str, ...], run_name: str | None, addr
     if not outcome.finished:
         click.echo(f"error: training failed: {outcome.error}", err=True)
         sys.exit(1)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that run the competitor side by side and print the ratio."""
+
+
+@bench.command("data")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=Path("data/sample"),
+    show_default=True,
+    help="A prepared dataset, or any folder of JPEGs.",
+)
+@click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
+@click.option(
+    "--workers", type=int, default=None, help="DataLoader processes and DALI threads (default: all cores)."
+)
+@click.option("--crop", "crop_px", default=224, show_default=True)
+@click.option("--batch", default=128, show_default=True, help="Images per batch, the same for every row.")
+def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, batch: int) -> None:
+    """DALI's training pipeline against torchvision's DataLoader, images/s."""
+    from pipeline.bench import bench_data as run
+
+    if not root.is_dir():
+        _fail(f"{root} does not exist (give --root a folder of JPEGs or a prepared dataset)")
+    results = run(root, seconds, workers, crop_px, batch)
+    baseline = results[0].images_per_s
+    click.echo(f"{'pipeline':<40} {'images/s':>9} {'x torchvision':>14}")
+    for r in results:
+        click.echo(f"{r.name:<40} {r.images_per_s:9.1f} {r.images_per_s / baseline:14.2f}")

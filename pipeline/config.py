@@ -28,6 +28,7 @@ class JobError(ValueError):
 @dataclass(frozen=True)
 class Data:
     root: str = "data/sample"  # dataset folder; `resnet-pipe data prepare ROOT` writes ROOT/index/
+    source: Literal["files", "shards"] = "files"  # shards: ROOT/index/shards/*.tar (`prepare --shards`)
     crop_px: int = 224  # training crop, square
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -26,21 +27,16 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from pipeline import augment
 from pipeline.config import Data, Job
 from pipeline.dataset import Index
+from pipeline.shards import read_shards
 
 READER = "reader"
 
 
-def _read(files: list[str], file_root: str, shard_id: int, num_shards: int, train: bool, seed: int):
-    ids = list(range(len(files)))
-    if train:
-        # the reader reshuffles after each epoch; shuffle the first epoch here, from the same seed
-        order = list(range(len(files)))
-        random.Random(seed).shuffle(order)
-        files, ids = [files[i] for i in order], order
-    return fn.readers.file(
-        file_root=file_root,
-        files=files,
-        labels=ids,
+def _read(
+    data: Data, files: list[str], file_root: str, shard_id: int, num_shards: int, train: bool, seed: int
+):
+    """The encoded images of this shard and their row ids, from files or from tar shards."""
+    common = dict(
         shard_id=shard_id,
         num_shards=num_shards,
         shuffle_after_epoch=train,  # a global permutation per epoch: every sample once per epoch
@@ -49,6 +45,20 @@ def _read(files: list[str], file_root: str, shard_id: int, num_shards: int, trai
         seed=seed,
         name=READER,
     )
+    if data.source == "shards":
+        encoded, ids = fn.readers.webdataset(
+            paths=read_shards(Path(file_root), "train" if train else "val"),
+            ext=["img", "id"],
+            dtypes=[types.UINT8, types.INT32],
+            **common,
+        )
+        return encoded, ids
+    ids = list(range(len(files)))
+    if train:
+        # the reader reshuffles after each epoch; shuffle the first epoch here, from the same seed
+        random.Random(seed).shuffle(ids)
+        files = [files[i] for i in ids]
+    return fn.readers.file(file_root=file_root, files=files, labels=ids, **common)
 
 
 def _normalize(images, data: Data, mirror=None, crop_px: int | None = None):
@@ -76,7 +86,7 @@ def train_pipeline(
 ):
     """Random-resized crop (decoded only inside the crop), resize, the job's augmentations
     (`pipeline.augment`), flip, normalize."""
-    encoded, ids = _read(files, file_root, shard_id, num_shards, train=True, seed=order_seed)
+    encoded, ids = _read(data, files, file_root, shard_id, num_shards, train=True, seed=order_seed)
     images = fn.decoders.image_random_crop(
         encoded,
         device="mixed" if gpu else "cpu",
@@ -102,7 +112,7 @@ def val_pipeline(
     data: Data, files: list[str], file_root: str, shard_id: int, num_shards: int, gpu: bool, order_seed: int
 ):
     """Resize the shorter side, center crop, normalize: deterministic."""
-    encoded, ids = _read(files, file_root, shard_id, num_shards, train=False, seed=0)
+    encoded, ids = _read(data, files, file_root, shard_id, num_shards, train=False, seed=0)
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = fn.resize(
         images, resize_shorter=data.val_resize_px, interp_type=types.INTERP_LINEAR, antialias=True
