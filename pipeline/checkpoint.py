@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import Job, to_dict
 
-FORMAT = 2
+FORMAT = 3
 WEIGHTS = "checkpoint.pt"
 META = "meta.json"
 
@@ -36,6 +36,9 @@ def save(
     ranks: list[dict[str, Any]],
     job: Job,
     metrics: dict[str, float],
+    scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
+    clock: dict[str, float | None] | None = None,
 ) -> None:
     """Writes a checkpoint into `folder`.
 
@@ -44,6 +47,8 @@ def save(
             `epoch` already taken (0 at an epoch boundary, where `epoch` is the next to run).
         ranks: per rank, in rank order: "loader" (the DALI pipeline's serialized state) and
             "torch_rng" (torch's CPU RNG state).
+        scaler, ema: the fp16 GradScaler and the EMA model, when the run has them.
+        clock: "train_s" (seconds trained so far) and "target_reached_s".
     """
     meta = {"format": FORMAT, "epoch": epoch, "step": step, "epoch_step": epoch_step, "metrics": metrics}
     state = meta | {
@@ -51,6 +56,9 @@ def save(
         "optimizer": optimizer.state_dict(),
         "ranks": ranks,
         "job": to_dict(job),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "clock": clock or {"train_s": 0.0, "target_reached_s": None},
     }
     torch.save(state, folder / WEIGHTS)
     (folder / META).write_text(json.dumps(meta, indent=1))

@@ -59,10 +59,13 @@ class Data:
 class Model:
     arch: str = "resnet50"  # any name in timm's registry
     zero_init_last_bn: bool = True  # last BN of each residual branch starts at 0 (Goyal et al. 2017)
+    sync_batchnorm: bool = False  # BatchNorm statistics over all GPU workers (CUDA only)
 
 
 @dataclass(frozen=True)
 class Optim:
+    name: Literal["sgd", "lamb"] = "sgd"  # LAMB (You et al. 2020) for the "ResNet strikes back" recipes
+    loss: Literal["ce", "bce"] = "ce"  # bce: binary cross-entropy per class (Wightman et al. 2021)
     lr_per_256: float = 0.1  # scaled by global_batch_size / 256 (Goyal et al. 2017)
     momentum: float = 0.9
     nesterov: bool = False
@@ -72,6 +75,10 @@ class Optim:
     schedule: Literal["cosine", "step"] = "cosine"
     step_epochs: tuple[int, ...] = (30, 60, 80)  # step decay boundaries, x0.1 each (He et al. 2016)
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+    accumulation_steps: int = 1  # micro-batches per optimizer step; the global batch includes them
+    clip_grad_norm: float = 0.0  # max global gradient norm; 0: no clipping
+    ema_decay: float = 0.0  # EMA of the weights per update (torchvision's recipe: 0.99998 per step); 0: off
+    ema_every_steps: int = 32  # EMA update period in optimizer steps; the decay is raised to this power
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,14 @@ class Scaling:
 class Run:
     storage_path: str = "runs"  # checkpoints go to <storage_path>/<run name>/
     max_failures: int = 0  # worker failures Ray Train retries from the last checkpoint
-    keep_checkpoints: int = 2  # the latest k checkpoints are kept in storage
+    keep_checkpoints: int = 2  # the best k by val/top1 are kept in storage, plus always the latest
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N global steps (0: at epoch ends only)
     sample_log: bool = False  # each rank appends the sample ids of every batch to <run>/samples/
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None: on CUDA only
     log_every_steps: int = 10  # progress lines per worker-0 steps
     max_steps_per_epoch: int = 0  # 0: the whole epoch; >0 caps it (smoke tests)
+    compile: bool = False  # torch.compile the model (minutes of compilation; pays on long GPU runs)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class Job:
     dataset: str = ""  # human-readable dataset name, for listings
     epochs: int = 90
     seed: int = 0
+    target_top1: float = 0.0  # the accuracy this job aims at; time to reach it is logged once reached
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     optim: Optim = field(default_factory=Optim)
@@ -119,7 +128,8 @@ class Job:
 
     @property
     def global_batch_size(self) -> int:
-        return self.scaling.batch_size_per_worker * self.scaling.num_workers
+        """Images per optimizer step, over all workers and accumulated micro-batches."""
+        return self.scaling.batch_size_per_worker * self.scaling.num_workers * self.optim.accumulation_steps
 
     @property
     def peak_lr(self) -> float:

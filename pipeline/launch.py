@@ -82,7 +82,12 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
             name=run_name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            # the best k by val/top1 stay, and Ray always keeps the latest as well
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=job.run.keep_checkpoints,
+                checkpoint_score_attribute="val/top1",
+                checkpoint_score_order="max",
+            ),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
         ),
     )

@@ -32,12 +32,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        param_groups(model, job.optim.weight_decay),
-        lr=job.peak_lr,
-        momentum=job.optim.momentum,
-        nesterov=job.optim.nesterov,
-    )
+    """SGD with (Nesterov) momentum, or LAMB (timm's implementation), over `param_groups`."""
+    groups = param_groups(model, job.optim.weight_decay)
+    if job.optim.name == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=job.peak_lr)
+    return torch.optim.SGD(groups, lr=job.peak_lr, momentum=job.optim.momentum, nesterov=job.optim.nesterov)
 
 
 def lr_at(step: int, job: Job, steps_per_epoch: int) -> float:

@@ -4,8 +4,8 @@ The Ray Train loop (`pipeline.train`) calls these on each rank; `scripts/gpu-che
 same code on a bare GPU. Precision and memory format follow the device unless the job says:
 bf16 autocast and channels_last on CUDA, fp32 and contiguous on the CPU.
 
-    step = Stepper(ddp_model, optimizer, job, device)
-    loss = step(images, labels, lr)                 # one optimizer step
+    step = Stepper(ddp_model, optimizer, job, device, num_classes=1000)
+    loss = step([(images, labels)], lr)             # one optimizer step (more batches: accumulation)
     metrics = evaluate(model, val_batches, device)  # {"val/top1", "val/top5", "val/loss"}
 """
 
@@ -43,7 +43,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 class Stepper:
-    """One optimizer step: learning rate, mixup/CutMix, autocast forward, loss, backward, update."""
+    """One optimizer step over one or more micro-batches (gradient accumulation): learning rate,
+    mixup/CutMix, autocast forward, loss, backward, gradient clipping, update."""
 
     def __init__(
         self,
@@ -59,10 +60,28 @@ class Stepper:
         self.autocast_dtype = autocast_dtype(job, device)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=job.optim.label_smoothing)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+    def __call__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
+        """Accumulates the gradients of `batches` (gradients sync across ranks once, on the
+        last), then takes one optimizer step; returns the mean loss."""
         set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for i, (images, labels) in enumerate(batches):
+            last = i == len(batches) - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                loss = self.loss(images, labels) / len(batches)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.job.optim.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.job.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         data = self.job.data
@@ -70,18 +89,18 @@ class Stepper:
             images, labels, self.num_classes, data.mixup_alpha, data.cutmix_alpha, data.cutmix_prob
         )
         with autocast(self.device, self.autocast_dtype):
-            loss = self.loss_fn(self.model(images), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach()
+            logits = self.model(images)
+        return classification_loss(logits.float(), targets, self.job)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, job: Job) -> torch.Tensor:
+    """Cross-entropy, or binary cross-entropy per class as in "ResNet strikes back" (Wightman et
+    al. 2021), over class-probability targets, with label smoothing."""
+    smoothing = job.optim.label_smoothing
+    if job.optim.loss == "bce":
+        smoothed = targets * (1 - smoothing) + smoothing / targets.shape[1]
+        return nn.functional.binary_cross_entropy_with_logits(logits, smoothed, reduction="sum") / len(logits)
+    return nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing)
 
 
 @torch.no_grad()

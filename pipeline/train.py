@@ -11,7 +11,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -23,12 +23,14 @@ from torch import nn
 from pipeline import checkpoint
 from pipeline.config import Job, from_dict
 from pipeline.dataset import load_index
+from pipeline.ema import WeightEMA
 from pipeline.loader import Loader, build_loader
 from pipeline.optim import build_optimizer, lr_at
 from pipeline.step import Stepper, all_reduce_sum, evaluate, gather_objects, uses_channels_last
 from pipeline.tracking import RunLogger
 
 log = logging.getLogger("resnet_pipe")
+UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accuracy
 
 
 def _setup_logging() -> None:
@@ -52,6 +54,8 @@ class State:
     epoch: int = 0  # the epoch in progress (or next to run, when epoch_step is 0)
     step: int = 0  # next global step (optimizer steps since the start)
     epoch_step: int = 0  # steps of `epoch` already taken: > 0 only in a mid-epoch checkpoint
+    train_s: float = 0.0  # seconds spent training and evaluating, over every attempt
+    target_reached_s: float | None = None  # train_s when val/top1 first reached job.target_top1
 
 
 @dataclass
@@ -64,9 +68,11 @@ class Worker:
     device: torch.device
     model: nn.Module  # the bare model: checkpoints and evaluation use it, not the DDP wrapper
     optimizer: torch.optim.Optimizer
+    ema: WeightEMA | None
     logger: RunLogger | None  # rank 0 only
     sample_log: Path | None  # where this rank appends the ids of every batch, when asked
     fail_at_step: int | None  # an injected fault, for tests
+    scaler: torch.amp.GradScaler | None = field(default=None)  # the Stepper's, once it exists
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -79,23 +85,34 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(job.scaling.cpus_per_worker)
 
-    # model, optimizer, state; the checkpoint wins over fresh initialisation
+    # model, EMA, optimizer, state; the checkpoint wins over fresh initialisation
     index = load_index(Path(config["data_root"]))
     torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = timm.create_model(
         job.model.arch, num_classes=len(index.classes), zero_init_last=job.model.zero_init_last_bn
     )
+    if job.model.sync_batchnorm and device.type == "cuda" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if uses_channels_last(job, device):
+        model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(job.seed + 1 + rank)  # from here on (mixup draws) each rank has its own stream
     worker = Worker(
         job, rank, world, device, model, build_optimizer(model, job),
+        ema=WeightEMA(model, job.optim.ema_decay, job.optim.ema_every_steps) if job.optim.ema_decay else None,
         logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
         sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
         fail_at_step=config.get("fail_at_step"),
     )  # fmt: skip
-    state, loader_state = _restore(worker)
-    if uses_channels_last(job, device):
-        model = model.to(memory_format=torch.channels_last)
-    ddp_model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
+    state, loader_state, saved = _restore(worker) or (State(), None, {})
+    ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
+    step_fn = Stepper(
+        torch.compile(ddp_model) if job.run.compile else ddp_model,
+        worker.optimizer, job, device, num_classes=len(index.classes),
+    )  # fmt: skip
+    worker.scaler = step_fn.scaler
+    if saved.get("scaler"):
+        step_fn.scaler.load_state_dict(saved["scaler"])
 
     # data: a restored loader continues at the exact sample (and augmentation draw) it stopped at
     crop_px = job.crop_px_at(state.epoch)
@@ -103,10 +120,9 @@ def train_loop_per_worker(config: dict) -> None:
         job, index, "train", rank, world, device, checkpoint=loader_state, crop_px=crop_px
     )
     val_loader = build_loader(job, index, "val", rank, world, device)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(train_loader) // job.optim.accumulation_steps
     if job.run.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.run.max_steps_per_epoch)
-    step_fn = Stepper(ddp_model, worker.optimizer, job, device, num_classes=len(index.classes))
 
     for epoch in range(state.epoch, job.epochs):
         if job.crop_px_at(epoch) != crop_px:  # progressive resizing: same sample order, new size
@@ -115,31 +131,47 @@ def train_loop_per_worker(config: dict) -> None:
             train_loader = build_loader(
                 job, index, "train", rank, world, device, checkpoint=position, crop_px=crop_px
             )
-        train_metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
-        metrics = train_metrics | evaluate(model, val_loader, device, job) | {"epoch": epoch}
+        started = time.perf_counter()
+        metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
+        metrics |= evaluate(model, val_loader, device, job)
+        if worker.ema is not None:
+            ema = evaluate(worker.ema.model, val_loader, device, job)
+            metrics |= {"val/ema_top1": ema["val/top1"], "val/ema_top5": ema["val/top5"]}
+        state.train_s += time.perf_counter() - started
+        if job.target_top1 and state.target_reached_s is None and metrics["val/top1"] >= job.target_top1:
+            state.target_reached_s = state.train_s
+        if state.target_reached_s is not None:
+            metrics["time_to_target_s"] = state.target_reached_s
         state.epoch, state.epoch_step = epoch + 1, 0
         if rank == 0:
-            log.info(
-                f"epoch {epoch}: train/loss {metrics['train/loss']:.4f}  val/top1 {metrics['val/top1']:.4f}  "
-                f"val/top5 {metrics['val/top5']:.4f}  train/images_per_s {metrics['train/images_per_s']:.1f}"
+            shown = (
+                "train/loss",
+                "val/top1",
+                "val/top5",
+                "val/ema_top1",
+                "train/images_per_s",
+                "train/data_wait",
             )
-            worker.logger.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        _save_and_report(worker, state, train_loader, metrics)
+            log.info(f"epoch {epoch}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
+            worker.logger.log_metrics(metrics, step=epoch)
+        _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch})
     if rank == 0:
-        worker.logger.log_weights(model)
+        worker.logger.log_weights(worker.ema.model if worker.ema else model)
 
 
-def _restore(worker: Worker) -> tuple[State, str | None]:
-    """Loads the latest checkpoint, if any, into the model and optimizer; returns the state and
-    this rank's data-pipeline state (None: start the loader afresh)."""
+def _restore(worker: Worker) -> tuple[State, bytes | None, dict] | None:
+    """Loads the latest checkpoint, if any, into the model, EMA and optimizer; returns the state,
+    this rank's data-pipeline state (None: start the loader afresh) and the whole checkpoint."""
     saved = ray.train.get_checkpoint()
     if saved is None:
-        return State(), None
+        return None
     with saved.as_directory() as folder:
         loaded = checkpoint.load(Path(folder))
     worker.model.load_state_dict(loaded["model"])
     worker.optimizer.load_state_dict(loaded["optimizer"])
-    state = State(loaded["epoch"], loaded["step"], loaded["epoch_step"])
+    if worker.ema is not None and loaded.get("ema") is not None:
+        worker.ema.load_state_dict(loaded["ema"])
+    state = State(loaded["epoch"], loaded["step"], loaded["epoch_step"], **loaded["clock"])
     ranks = loaded["ranks"]
     if len(ranks) == worker.world:
         torch.set_rng_state(ranks[worker.rank]["torch_rng"])
@@ -148,11 +180,12 @@ def _restore(worker: Worker) -> tuple[State, str | None]:
         state.step, state.epoch_step, loader_state = state.step - state.epoch_step, 0, None
     if worker.rank == 0:
         log.info(f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch)")
-    return state, loader_state
+    return state, loader_state, loaded
 
 
 def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict[str, float]) -> None:
-    """A checkpoint with every rank's data-pipeline and RNG state, reported through Ray Train.
+    """A full-state checkpoint (model, optimizer, GradScaler, EMA, every rank's data-pipeline and
+    RNG state, the job), reported through Ray Train.
 
     Every rank calls this the same number of times (report is collective); only rank 0 writes.
     """
@@ -164,6 +197,8 @@ def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict
             checkpoint.save(
                 Path(tmp), model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
                 epoch_step=state.epoch_step, ranks=ranks, job=worker.job, metrics=metrics,
+                scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
+                clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
             )  # fmt: skip
             saved = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=saved)
@@ -172,37 +207,63 @@ def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict
 def train_one_epoch(
     worker: Worker, step_fn: Stepper, loader: Loader, state: State, steps: int
 ) -> dict[str, float]:
-    """Runs the rest of the epoch (`steps` in all); returns the mean loss over the ranks and the
-    global images/s. Checkpoints every `run.checkpoint_every_steps` steps as well."""
+    """Runs the rest of the epoch (`steps` optimizer steps in all, each over
+    `optim.accumulation_steps` batches); checkpoints every `run.checkpoint_every_steps` steps too.
+
+    Returns:
+        train/loss (mean over ranks), train/images_per_s (all ranks), train/images_per_s_per_worker,
+        and train/data_wait (the share of time rank 0 waited for its next batch).
+    """
     step_fn.model.train()
     job = worker.job
     loss_sum = torch.zeros((), device=worker.device)
-    first, images_seen = state.epoch_step, 0
+    first, images_seen, waited = state.epoch_step, 0, 0.0
+    batches = iter(loader)
     start = time.perf_counter()
-    for images, labels, ids in loader:
-        if state.epoch_step == steps:
-            break
+    while state.epoch_step < steps:
         if worker.fail_at_step == state.step and worker.rank == 0:
             raise RuntimeError(f"injected fault at step {state.step} (RESNET_PIPE_FAIL_AT_STEP)")
+        fetch = time.perf_counter()
+        micro = [next(batches) for _ in range(job.optim.accumulation_steps)]
+        waited += time.perf_counter() - fetch
         if worker.sample_log:
-            _append_ids(worker.sample_log, state, ids)
-        loss = step_fn(images, labels, lr_at(state.step, job, steps))
+            _append_ids(worker.sample_log, state, torch.cat([ids for _, _, ids in micro]))
+        loss = step_fn([(images, labels) for images, labels, _ in micro], lr_at(state.step, job, steps))
         loss_sum += loss
-        images_seen += images.shape[0] * worker.world
+        images_seen += sum(len(labels) for _, labels, _ in micro) * worker.world
         state.step += 1
         state.epoch_step += 1
+        if worker.ema is not None:
+            worker.ema.update(worker.model, state.step)
         if worker.rank == 0 and state.epoch_step % job.run.log_every_steps == 0:
-            rate = images_seen / (time.perf_counter() - start)
-            # note: .item() is a device sync point, once every log_every_steps steps
-            progress = f"epoch {state.epoch} step {state.epoch_step}/{steps}"
-            log.info(f"{progress} loss {loss.item():.4f} images/s {rate:.1f}")
+            _log_progress(state, steps, loss, images_seen, waited, time.perf_counter() - start, first)
         every = job.run.checkpoint_every_steps
         if every and state.step % every == 0 and state.epoch_step < steps:
-            _save_and_report(worker, state, loader, {"train/step_loss": float(loss), "epoch": state.epoch})
+            # val/top1 -1: Ray ranks mid-epoch checkpoints below every scored one (the latest stays)
+            mid = {"train/step_loss": float(loss), "epoch": state.epoch, "val/top1": UNSCORED}
+            _save_and_report(worker, state, loader, mid)
     elapsed = time.perf_counter() - start
     taken = torch.tensor(float(state.epoch_step - first), device=loss_sum.device)
     loss_mean = all_reduce_sum(torch.stack([loss_sum, taken]))
-    return {"train/loss": float(loss_mean[0] / loss_mean[1]), "train/images_per_s": images_seen / elapsed}
+    return {
+        "train/loss": float(loss_mean[0] / loss_mean[1]),
+        "train/images_per_s": images_seen / elapsed,
+        "train/images_per_s_per_worker": images_seen / elapsed / worker.world,
+        "train/data_wait": waited / elapsed,
+    }
+
+
+def _log_progress(
+    state: State, steps: int, loss: torch.Tensor, images: int, waited: float, elapsed: float, first: int
+) -> None:
+    done = state.epoch_step - first
+    eta_s = elapsed / done * (steps - state.epoch_step)
+    # note: .item() is a device sync point, once every log_every_steps steps
+    log.info(
+        f"epoch {state.epoch} step {state.epoch_step}/{steps} ({100 * state.epoch_step // steps} %)  "
+        f"loss {loss.item():.4f}  images/s {images / elapsed:.1f}  data wait {100 * waited / elapsed:.0f} %  "
+        f"epoch ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s"
+    )
 
 
 def _append_ids(path: Path, state: State, ids: torch.Tensor) -> None:

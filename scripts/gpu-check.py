@@ -36,14 +36,14 @@ def measure(arch: str, batch: int, precision: str, compile_model: bool = False) 
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     compile_start = time.perf_counter()
-    first = step(images, labels, lr=0.01).item()  # compiles, when compiling
+    first = step([(images, labels)], lr=0.01).item()  # compiles, when compiling
     compile_s = time.perf_counter() - compile_start
     for _ in range(WARMUP_STEPS):
-        step(images, labels, lr=0.01)
+        step([(images, labels)], lr=0.01)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(TIMED_STEPS):
-        last = step(images, labels, lr=0.01)
+        last = step([(images, labels)], lr=0.01)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     metrics = evaluate(model, [(images, labels, None)], device, job)  # autocast eval on the same batch

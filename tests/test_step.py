@@ -6,7 +6,7 @@ from torch import nn
 
 from pipeline.config import load_job
 from pipeline.optim import build_optimizer
-from pipeline.step import Stepper, autocast_dtype, evaluate, uses_channels_last
+from pipeline.step import Stepper, autocast_dtype, classification_loss, evaluate, uses_channels_last
 
 
 class FixedLogits(nn.Module):
@@ -56,7 +56,7 @@ def _learns(device: torch.device, precision: str) -> tuple[float, float]:
         model = model.to(memory_format=torch.channels_last)
     step = Stepper(model, build_optimizer(model, job), job, device, num_classes=4)
     images, labels = torch.randn(8, 3, 32, 32, device=device), torch.arange(8, device=device) % 4
-    losses = [step(images, labels, lr=0.05).item() for _ in range(8)]
+    losses = [step([(images, labels)], lr=0.05).item() for _ in range(8)]
     return losses[0], losses[-1]
 
 
@@ -71,3 +71,45 @@ def test_the_step_learns_a_fixed_batch_on_the_cpu() -> None:
 def test_the_step_learns_a_fixed_batch_on_the_gpu(precision: str) -> None:
     first, last = _learns(torch.device("cuda"), precision)
     assert last < first
+
+
+def _tiny(job_overrides: list[str]):
+    job = load_job("quickstart", ["optim.weight_decay=0", "optim.momentum=0", *job_overrides])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 4))  # no BatchNorm: batch splits are exact
+    return job, model, Stepper(model, build_optimizer(model, job), job, torch.device("cpu"), num_classes=4)
+
+
+def test_accumulating_two_half_batches_equals_one_whole_batch() -> None:
+    images, labels = torch.randn(8, 3, 4, 4), torch.arange(8) % 4
+    _, whole, step_whole = _tiny([])
+    step_whole([(images, labels)], lr=0.5)
+    _, halves, step_halves = _tiny(["optim.accumulation_steps=2"])
+    step_halves([(images[:4], labels[:4]), (images[4:], labels[4:])], lr=0.5)
+    for a, b in zip(whole.parameters(), halves.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    images, labels = torch.randn(8, 3, 4, 4) * 100, torch.arange(8) % 4
+    _, model, step = _tiny(["optim.clip_grad_norm=0.01"])
+    before = [p.detach().clone() for p in model.parameters()]
+    step([(images, labels)], lr=1.0)
+    moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert 0 < moved <= 0.01 + 1e-6  # plain SGD: the update is lr x the clipped gradient
+
+
+def test_binary_cross_entropy_loss_by_hand() -> None:
+    job = load_job("quickstart", ["optim.loss='bce'", "optim.label_smoothing=0.1"])
+    logits, targets = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.0]])
+    smoothed = torch.tensor([[0.95, 0.05]])  # 1 x 0.9 + 0.1 / 2, 0 x 0.9 + 0.1 / 2
+    expected = -(
+        smoothed * torch.log(torch.sigmoid(logits)) + (1 - smoothed) * torch.log(1 - torch.sigmoid(logits))
+    )
+    assert classification_loss(logits, targets, job).item() == pytest.approx(expected.sum().item(), rel=1e-5)
+
+
+def test_lamb_trains_too() -> None:
+    job = load_job("quickstart", ["optim.name='lamb'", "optim.loss='bce'"])
+    optimizer = build_optimizer(nn.Linear(2, 2), job)
+    assert type(optimizer).__name__ == "Lamb"

@@ -41,7 +41,7 @@ def _small_job(root: Path, *overrides: str):
 def test_fault_then_resume_finishes_one_tracked_run(
     ray_session, prepared_dataset, workdir, monkeypatch
 ) -> None:
-    job = _small_job(prepared_dataset)
+    job = _small_job(prepared_dataset, "optim.ema_decay=0.9", "optim.ema_every_steps=1", "target_top1=0.01")
 
     # first submission: rank 0 raises at global step 4 (epoch 1), after epoch 0's checkpoint
     monkeypatch.setenv(FAULT_ENV, "4")
@@ -62,6 +62,8 @@ def test_fault_then_resume_finishes_one_tracked_run(
     assert (final["epoch"], final["step"]) == (EPOCHS, 3 * EPOCHS)
     state = checkpoint.load(checkpoint.latest(done.run_dir))
     assert state["job"]["epochs"] == EPOCHS and "optimizer" in state
+    assert state["ema"].keys() == state["model"].keys()
+    assert len(state["ranks"]) == 2 and state["clock"]["train_s"] > 0
 
     # one MLflow run: the resolved job as params, every epoch's metrics exactly once
     client = MlflowClient(tracking_uri())
@@ -73,9 +75,17 @@ def test_fault_then_resume_finishes_one_tracked_run(
     assert run.data.params["epochs"] == str(EPOCHS)
     assert run.data.params["global_batch_size"] == "16"
     assert run.data.params["dataset_hash"] == load_index(prepared_dataset).dataset_hash
-    for key in ("train/loss", "val/top1", "val/top5", "train/images_per_s"):
+    for key in (
+        "train/loss",
+        "val/top1",
+        "val/top5",
+        "train/images_per_s",
+        "val/ema_top1",
+        "train/data_wait",
+    ):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+    assert client.get_metric_history(run.info.run_id, "time_to_target_s")  # 0.01 top-1 is reached at once
     top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
     assert top1[EPOCHS - 1] == pytest.approx(done.metrics["val/top1"])
 
@@ -103,7 +113,10 @@ def _samples(run_dir: Path) -> dict[tuple[int, int], list[int]]:
 def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
     ray_session, prepared_dataset, workdir, monkeypatch
 ) -> None:
-    job = _small_job(prepared_dataset, "epochs=2", "run.checkpoint_every_steps=2", "run.sample_log=true")
+    job = _small_job(
+        prepared_dataset, "epochs=2", "run.checkpoint_every_steps=2", "run.sample_log=true",
+        "optim.ema_decay=0.5", "optim.ema_every_steps=1", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+    )  # fmt: skip
     straight = submit(job, "straight")
     assert straight.finished, straight.error
 
@@ -120,8 +133,9 @@ def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
     expected, got = _samples(straight.run_dir), _samples(resumed.run_dir)
     assert sorted(got) == sorted(expected) == [(rank, step) for rank in range(2) for step in range(6)]
     assert got == expected
-    # and the same weights at the end, to float tolerance (same seed, same data, same order)
-    end_a = checkpoint.load(checkpoint.latest(straight.run_dir))["model"]
-    end_b = checkpoint.load(checkpoint.latest(resumed.run_dir))["model"]
-    for name, tensor in end_a.items():
-        torch.testing.assert_close(end_b[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    # and the same weights and EMA at the end, to float tolerance (same seed, data, order, mixing draws)
+    end_a = checkpoint.load(checkpoint.latest(straight.run_dir))
+    end_b = checkpoint.load(checkpoint.latest(resumed.run_dir))
+    for part in ("model", "ema"):
+        for name, tensor in end_a[part].items():
+            torch.testing.assert_close(end_b[part][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
