@@ -95,3 +95,12 @@ def test_progressive_resizing_picks_the_crop_by_epoch() -> None:
     job = load_job("quickstart", ["data.progressive_px=[[0, 128], [3, 160], [6, 224]]"])
     assert [job.crop_px_at(e) for e in (0, 2, 3, 5, 6, 89)] == [128, 128, 160, 160, 224, 224]
     assert load_job("quickstart").crop_px_at(5) == 64  # no schedule: data.crop_px
+
+
+@pytest.mark.parametrize("depth, aim", [(50, 0.8086), (101, 0.8189), (152, 0.8228)])
+def test_strong_recipe_jobs_carry_torchvisions_v2_recipe(depth: int, aim: float) -> None:
+    job = load_job(f"imagenet-r{depth}-strong")
+    assert job.target_top1 == aim and job.epochs == 600
+    assert job.global_batch_size == 1024 and job.peak_lr == pytest.approx(0.5)
+    assert (job.data.crop_px, job.data.val_resize_px, job.data.val_crop_px) == (176, 232, 224)
+    assert job.data.auto_augment == "trivial" and job.optim.ema_decay > 0
