@@ -154,3 +154,63 @@ def bench_data(
             ("DALI training pipeline (GPU decode)", lambda: build_loader(job, index, "train", device=gpu))
         )
     return [measure(name, make(), seconds) for name, make in rows]
+
+
+def bare_loop(arch: str, num_classes: int, batch: int, crop_px: int, threads: int, steps: int) -> float:
+    """Images/s of a plain PyTorch training loop over in-memory tensors: the ceiling."""
+    import timm
+
+    torch.set_num_threads(threads)
+    model = timm.create_model(arch, num_classes=num_classes).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch, 3, crop_px, crop_px)
+    labels = torch.randint(0, num_classes, (batch,))
+    for step in range(steps):
+        if step == 2:  # the same warm-up the pipeline leaves out
+            start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return batch * (steps - 2) / (time.perf_counter() - start)
+
+
+def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224) -> list[Result]:
+    """The whole pipeline (Ray Train, DALI, MLflow tracking) against `bare_loop`, same model,
+    batch and threads; then 2 DDP workers of half the threads each. Steady state: the first 2
+    steps of each are left out."""
+    import tempfile
+
+    from pipeline.launch import submit
+
+    threads = len(os.sched_getaffinity(0))
+    index = load_index(root)
+    overrides = [
+        f"data.root='{root.resolve()}'", "epochs=1", f"run.max_steps_per_epoch={steps}",
+        f"scaling.batch_size_per_worker={batch}", f"data.crop_px={crop_px}", "data.threads_per_worker=1",
+        f"scaling.use_gpu={str(torch.cuda.is_available()).lower()}", "run.log_every_steps=4",
+    ]  # fmt: skip
+    rows = [
+        Result(
+            "bare PyTorch loop, in-memory tensors",
+            bare_loop("resnet50", len(index.classes), batch, crop_px, threads, steps),
+            0,
+            0,
+        )
+    ]
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"  # the user's store stays clean
+        for workers in (1, 2):
+            per_worker = [f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads // workers}"]
+            job = load_job("imagenet-r50", [*overrides, *per_worker, f"run.storage_path='{tmp}'"])
+            outcome = submit(job, f"bench-{workers}")
+            if not outcome.finished:
+                raise RuntimeError(f"the {workers}-worker benchmark run failed: {outcome.error}")
+            name = f"resnet-pipe, {workers} worker{'s' if workers > 1 else ''} x {threads // workers} threads"
+            rows.append(Result(name, outcome.metrics["train/images_per_s"], 0, 0))
+    if previous_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+    return rows

@@ -188,3 +188,30 @@ def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, ba
     click.echo(f"{'pipeline':<40} {'images/s':>9} {'x torchvision':>14}")
     for r in results:
         click.echo(f"{r.name:<40} {r.images_per_s:9.1f} {r.images_per_s / baseline:14.2f}")
+
+
+@bench.command("train")
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=Path("data/sample"),
+    show_default=True,
+    help="A prepared dataset.",
+)
+@click.option("--steps", default=12, show_default=True, help="Steps per run (the first 2 are warm-up).")
+@click.option("--batch", default=16, show_default=True, help="Images per batch and worker.")
+@click.option("--crop", "crop_px", default=224, show_default=True)
+def bench_train(root: Path, steps: int, batch: int, crop_px: int) -> None:
+    """The whole training pipeline against a bare PyTorch loop, images/s (ResNet-50)."""
+    from pipeline.bench import bench_train as run
+    from pipeline.dataset import load_index
+
+    try:
+        load_index(root)
+    except DatasetError as e:
+        _fail(str(e))
+    results = run(root, steps, batch, crop_px)
+    baseline = results[0].images_per_s
+    click.echo(f"{'training':<44} {'images/s':>9} {'x bare loop':>12}")
+    for r in results:
+        click.echo(f"{r.name:<44} {r.images_per_s:9.2f} {r.images_per_s / baseline:12.3f}")

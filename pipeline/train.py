@@ -31,6 +31,7 @@ from pipeline.tracking import RunLogger
 
 log = logging.getLogger("resnet_pipe")
 UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accuracy
+WARMUP_STEPS = 2  # steps left out of the images/s of an epoch
 
 
 def _setup_logging() -> None:
@@ -211,8 +212,9 @@ def train_one_epoch(
     `optim.accumulation_steps` batches); checkpoints every `run.checkpoint_every_steps` steps too.
 
     Returns:
-        train/loss (mean over ranks), train/images_per_s (all ranks), train/images_per_s_per_worker,
-        and train/data_wait (the share of time rank 0 waited for its next batch).
+        train/loss (mean over ranks), train/images_per_s (all ranks, steady state: from the end of
+        the WARMUP_STEPS-th step, when the epoch has more), train/images_per_s_per_worker, and
+        train/data_wait (the share of time this rank waited for its next batch).
     """
     step_fn.model.train()
     job = worker.job
@@ -220,7 +222,10 @@ def train_one_epoch(
     first, images_seen, waited = state.epoch_step, 0, 0.0
     batches = iter(loader)
     start = time.perf_counter()
+    timed_from = first + WARMUP_STEPS if steps - first > 2 * WARMUP_STEPS else first
     while state.epoch_step < steps:
+        if state.epoch_step == timed_from:  # the first steps pay for allocator and kernel warm-up
+            images_seen, waited, start = 0, 0.0, time.perf_counter()
         if worker.fail_at_step == state.step and worker.rank == 0:
             raise RuntimeError(f"injected fault at step {state.step} (RESNET_PIPE_FAIL_AT_STEP)")
         fetch = time.perf_counter()
@@ -236,7 +241,9 @@ def train_one_epoch(
         if worker.ema is not None:
             worker.ema.update(worker.model, state.step)
         if worker.rank == 0 and state.epoch_step % job.run.log_every_steps == 0:
-            _log_progress(state, steps, loss, images_seen, waited, time.perf_counter() - start, first)
+            since = timed_from if state.epoch_step > timed_from else first
+            elapsed, timed = time.perf_counter() - start, state.epoch_step - since
+            _log_progress(state, steps, loss, images_seen, waited, elapsed, timed)
         every = job.run.checkpoint_every_steps
         if every and state.step % every == 0 and state.epoch_step < steps:
             # val/top1 -1: Ray ranks mid-epoch checkpoints below every scored one (the latest stays)
@@ -254,10 +261,9 @@ def train_one_epoch(
 
 
 def _log_progress(
-    state: State, steps: int, loss: torch.Tensor, images: int, waited: float, elapsed: float, first: int
+    state: State, steps: int, loss: torch.Tensor, images: int, waited: float, elapsed: float, timed_steps: int
 ) -> None:
-    done = state.epoch_step - first
-    eta_s = elapsed / done * (steps - state.epoch_step)
+    eta_s = elapsed / max(timed_steps, 1) * (steps - state.epoch_step)
     # note: .item() is a device sync point, once every log_every_steps steps
     log.info(
         f"epoch {state.epoch} step {state.epoch_step}/{steps} ({100 * state.epoch_step // steps} %)  "
