@@ -22,6 +22,15 @@ def _fail(message: str) -> None:
     sys.exit(USAGE_ERROR)
 
 
+def _check_prepared(root: Path) -> None:
+    from pipeline.dataset import load_index
+
+    try:
+        load_index(root)
+    except DatasetError as e:
+        _fail(str(e))
+
+
 def _load(name: str, overrides: tuple[str, ...]):
     try:
         return load_job(name, overrides)
@@ -115,14 +124,10 @@ def data_prepare(root: Path, workers: int | None, shards: bool, shard_size: int)
 @click.option("--seed", default=0, show_default=True)
 def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: int, seed: int) -> None:
     """Write a grid of JOB's augmented training samples, with their class names, to --out."""
-    from pipeline.dataset import load_index
     from pipeline.preview import write_preview
 
     job = _load(job_name, overrides)
-    try:
-        load_index(Path(job.data.root))
-    except DatasetError as e:
-        _fail(str(e))
+    _check_prepared(Path(job.data.root))
     shown = write_preview(job, out, count, seed)
     click.echo(f"wrote {shown} augmented samples of {job_name} to {out}")
 
@@ -139,13 +144,8 @@ def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: in
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 def submit(job_name: str, overrides: tuple[str, ...], run_name: str | None, address: str | None) -> None:
     """Train JOB on Ray Train; resumes the run if it has checkpoints."""
-    from pipeline.dataset import load_index
-
     job = _load(job_name, overrides)
-    try:
-        load_index(Path(job.data.root))
-    except DatasetError as e:
-        _fail(str(e))
+    _check_prepared(Path(job.data.root))
     from pipeline.launch import submit as launch_submit  # imports Ray: only after the checks
 
     outcome = launch_submit(job, run_name or job.name, address)
@@ -183,11 +183,7 @@ def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, ba
 
     if not root.is_dir():
         _fail(f"{root} does not exist (give --root a folder of JPEGs or a prepared dataset)")
-    results = run(root, seconds, workers, crop_px, batch)
-    baseline = results[0].images_per_s
-    click.echo(f"{'pipeline':<40} {'images/s':>9} {'x torchvision':>14}")
-    for r in results:
-        click.echo(f"{r.name:<40} {r.images_per_s:9.1f} {r.images_per_s / baseline:14.2f}")
+    _print_ratios(run(root, seconds, workers, crop_px, batch), "pipeline", "x torchvision")
 
 
 @bench.command("train")
@@ -204,14 +200,16 @@ def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, ba
 def bench_train(root: Path, steps: int, batch: int, crop_px: int) -> None:
     """The whole training pipeline against a bare PyTorch loop, images/s (ResNet-50)."""
     from pipeline.bench import bench_train as run
-    from pipeline.dataset import load_index
 
-    try:
-        load_index(root)
-    except DatasetError as e:
-        _fail(str(e))
-    results = run(root, steps, batch, crop_px)
-    baseline = results[0].images_per_s
-    click.echo(f"{'training':<44} {'images/s':>9} {'x bare loop':>12}")
+    _check_prepared(root)
+    _print_ratios(run(root, steps, batch, crop_px), "training", "x bare loop")
+
+
+def _print_ratios(results: list, title: str, ratio_title: str) -> None:
+    """A table of images/s, each row against the first."""
+    width = max(len(title), *(len(r.name) for r in results))
+    click.echo(f"{title:<{width}}  {'images/s':>9}  {ratio_title:>13}")
     for r in results:
-        click.echo(f"{r.name:<44} {r.images_per_s:9.2f} {r.images_per_s / baseline:12.3f}")
+        click.echo(
+            f"{r.name:<{width}}  {r.images_per_s:9.2f}  {r.images_per_s / results[0].images_per_s:13.3f}"
+        )

@@ -75,3 +75,26 @@ def test_data_synth_then_prepare(tmp_path: Path) -> None:
     assert prepared.returncode == 0, prepared.stderr
     assert "train: 12 images" in prepared.stdout and "val: 8 images" in prepared.stdout
     assert "left out: 1 files" in prepared.stdout and "broken.JPEG" in prepared.stdout
+
+
+def test_data_preview_writes_a_png(prepared_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    result = cli("data", "preview", "quickstart", "--out", str(out), "--count", "4",
+                 "--set", f"data.root='{prepared_dataset}'", "--set", "data.crop_px=32")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote 4 augmented samples" in result.stdout
+
+
+def test_bench_data_prints_every_row_against_torchvision(prepared_dataset: Path) -> None:
+    result = cli(
+        "bench", "data", "--root", str(prepared_dataset), "--seconds", "1", "--batch", "8", "--crop", "32"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [
+        line for line in result.stdout.splitlines() if "images/s" not in line and line.strip() != "NO-RAY"
+    ]
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "torchvision DataLoader (PIL)", "DALI training pipeline (CPU)", "DALI ceiling: decode + resize (CPU)",
+    ]  # fmt: skip
+    assert rows[0].split()[-1] == "1.000" and float(rows[1].split()[-1]) > 0
