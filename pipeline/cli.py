@@ -6,6 +6,7 @@ exit code 2, before Ray starts.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -141,10 +142,22 @@ def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: in
     default=None,
     help="Run name (default: the job's). A name that has checkpoints resumes from the latest.",
 )
-@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
-def submit(job_name: str, overrides: tuple[str, ...], run_name: str | None, address: str | None) -> None:
+@click.option(
+    "--address",
+    default=None,
+    help="A Ray cluster: ray://... or an address to join, or a job server "
+    "http://HEAD:8265 (Job Submission API). Default: RAY_ADDRESS, else a local Ray.",
+)
+@click.option("--follow", is_flag=True, help="With a job server: stream the job's logs until it ends.")
+def submit(
+    job_name: str, overrides: tuple[str, ...], run_name: str | None, address: str | None, follow: bool
+) -> None:
     """Train JOB on Ray Train; resumes the run if it has checkpoints."""
     job = _load(job_name, overrides)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):  # a job server: Job Submission API
+        _submit_remote(address, job_name, overrides, run_name or job.name, job, follow)
+        return
     _check_prepared(Path(job.data.root))
     from pipeline.launch import submit as launch_submit  # imports Ray: only after the checks
 
@@ -156,6 +169,79 @@ def submit(job_name: str, overrides: tuple[str, ...], run_name: str | None, addr
     if not outcome.finished:
         click.echo(f"error: training failed: {outcome.error}", err=True)
         sys.exit(1)
+
+
+def _submit_remote(address: str, job_name: str, overrides, run_name: str, job, follow: bool) -> None:
+    from pipeline import cluster
+
+    try:
+        submission_id = cluster.submit_remote(address, job_name, overrides, run_name, job)
+    except cluster.ClusterError as e:
+        _fail(str(e))
+    click.echo(f"submitted {job_name} as {submission_id} to {address}")
+    if follow:
+        _follow(address, submission_id)
+
+
+def _follow(address: str | None, submission_id: str) -> None:
+    from pipeline import cluster
+
+    for chunk in cluster.follow(address, submission_id):
+        click.echo(chunk, nl=False)
+    final = cluster.status(address, submission_id)
+    click.echo(f"{submission_id}: {final.value}")
+    sys.exit(0 if final.value == "SUCCEEDED" else 1)
+
+
+ADDRESS_HELP = "The job server, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)."
+
+
+@main.command("list")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def list_jobs(address: str | None) -> None:
+    """The cluster's jobs: id, status, job and run."""
+    from pipeline import cluster
+
+    for info in sorted(cluster.client(address).list_jobs(), key=lambda i: i.start_time or 0):
+        meta = info.metadata or {}
+        click.echo(
+            f"{info.submission_id}  {info.status.value:<9}  {meta.get('job', '-')}  {meta.get('run', '-')}"
+        )
+
+
+@main.command("status")
+@click.argument("submission_id")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def job_status(submission_id: str, address: str | None) -> None:
+    """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from pipeline import cluster
+
+    info = cluster.client(address).get_job_info(submission_id)
+    click.echo(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@main.command("logs")
+@click.argument("submission_id")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--follow", is_flag=True, help="Keep streaming until the job ends.")
+def job_logs(submission_id: str, address: str | None, follow: bool) -> None:
+    """A job's logs."""
+    from pipeline import cluster
+
+    if follow:
+        _follow(address, submission_id)
+    click.echo(cluster.client(address).get_job_logs(submission_id), nl=False)
+
+
+@main.command("stop")
+@click.argument("submission_id")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def stop_job(submission_id: str, address: str | None) -> None:
+    """Stop a job; its checkpoints stay, and submitting the same run again resumes it."""
+    from pipeline import cluster
+
+    stopped = cluster.client(address).stop_job(submission_id)
+    click.echo(f"{submission_id}: {'stopping' if stopped else 'not running'}")
 
 
 @main.group()
@@ -213,3 +299,7 @@ def _print_ratios(results: list, title: str, ratio_title: str) -> None:
         click.echo(
             f"{r.name:<{width}}  {r.images_per_s:9.2f}  {r.images_per_s / results[0].images_per_s:13.3f}"
         )
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli`: the entrypoint of cluster jobs
+    main()

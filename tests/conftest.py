@@ -61,7 +61,7 @@ def ray_session():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, log_to_driver=True)  # a new cluster, whatever else runs here
     yield ray
     ray.shutdown()
 
