@@ -249,14 +249,13 @@ def bench() -> None:
     """Benchmarks that run the competitor side by side and print the ratio."""
 
 
+def _root_option(help: str):
+    folder = click.Path(path_type=Path)
+    return click.option("--root", type=folder, default=Path("data/sample"), show_default=True, help=help)
+
+
 @bench.command("data")
-@click.option(
-    "--root",
-    type=click.Path(path_type=Path),
-    default=Path("data/sample"),
-    show_default=True,
-    help="A prepared dataset, or any folder of JPEGs.",
-)
+@_root_option("A prepared dataset, or any folder of JPEGs.")
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
 @click.option(
     "--workers", type=int, default=None, help="DataLoader processes and DALI threads (default: all cores)."
@@ -273,13 +272,7 @@ def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, ba
 
 
 @bench.command("train")
-@click.option(
-    "--root",
-    type=click.Path(path_type=Path),
-    default=Path("data/sample"),
-    show_default=True,
-    help="A prepared dataset.",
-)
+@_root_option("A prepared dataset.")
 @click.option("--steps", default=12, show_default=True, help="Steps per run (the first 2 are warm-up).")
 @click.option("--batch", default=16, show_default=True, help="Images per batch and worker.")
 @click.option("--crop", "crop_px", default=224, show_default=True)
