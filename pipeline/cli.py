@@ -149,12 +149,30 @@ def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: in
     "http://HEAD:8265 (Job Submission API). Default: RAY_ADDRESS, else a local Ray.",
 )
 @click.option("--follow", is_flag=True, help="With a job server: stream the job's logs until it ends.")
+@click.option(
+    "--resume",
+    default=None,
+    metavar="RUN",
+    help="Continue run RUN (the same MLflow run) from its latest checkpoint; an error if it has none.",
+)
 def submit(
-    job_name: str, overrides: tuple[str, ...], run_name: str | None, address: str | None, follow: bool
+    job_name: str,
+    overrides: tuple[str, ...],
+    run_name: str | None,
+    address: str | None,
+    follow: bool,
+    resume: str | None,
 ) -> None:
     """Train JOB on Ray Train; resumes the run if it has checkpoints."""
     job = _load(job_name, overrides)
     address = address or os.environ.get("RAY_ADDRESS")
+    if resume:
+        if run_name and run_name != resume:
+            _fail(f"--name {run_name} and --resume {resume} name two runs; give one")
+        run_name = resume
+        storage = Path(job.run.storage_path)
+        if "://" not in job.run.storage_path and not any((storage / resume).glob("*/meta.json")):
+            _fail(f"run '{resume}' has no checkpoints in {storage}; submit without --resume to start it")
     if address and address.startswith(("http://", "https://")):  # a job server: Job Submission API
         _submit_remote(address, job_name, overrides, run_name or job.name, job, follow)
         return

@@ -53,7 +53,7 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
     print(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
     if latest is not None:
         meta = checkpoint.read_meta(latest)
-        if meta["epoch"] >= job.epochs and meta["epoch_step"] == 0:
+        if meta["epoch"] >= job.epochs and meta.get("epoch_step", 0) == 0:
             print(f"run '{run_name}' already finished {job.epochs} epochs; nothing to do")
             tracking.close_run(run_id, succeeded=True)
             return Outcome(True, meta["metrics"], run_id, run_dir)

@@ -49,6 +49,7 @@ def test_jobs_show_prints_the_resolved_job_with_overrides() -> None:
         (["submit", "quickstart", "--set", "optim.learning_rate=1"], "unknown key 'optim.learning_rate'"),
         (["jobs", "show", "no-such-job"], "unknown job 'no-such-job'"),
         (["data", "prepare", "/no/such/folder"], "/no/such/folder does not exist"),
+        (["submit", "quickstart", "--resume", "never-ran"], "run 'never-ran' has no checkpoints"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_ray(args: list[str], message: str, tmp_path: Path) -> None:

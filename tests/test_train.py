@@ -51,7 +51,7 @@ def test_fault_then_resume_finishes_one_tracked_run(
     meta = checkpoint.read_meta(saved)
     assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 3, 0)
 
-    # second submission of the same run: resumes at epoch 1, not from scratch
+    # second submission of the same run (what `submit --resume faulty` does): resumes at epoch 1
     monkeypatch.delenv(FAULT_ENV)
     done = submit(job, "faulty")
     assert done.finished, done.error
