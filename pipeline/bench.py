@@ -36,8 +36,6 @@ MIN_FILES = 1024  # a small folder is repeated up to this many entries, so an ep
 class Result:
     name: str
     images_per_s: float
-    images: int
-    seconds: float
 
 
 def bench_index(root: Path) -> Index:
@@ -123,7 +121,7 @@ def measure(name: str, loader: Iterable, seconds: float, warmup_batches: int = 3
     images, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         images += len(next(batches))
-    return Result(name, images / elapsed, images, elapsed)
+    return Result(name, images / elapsed)
 
 
 def _forever(loader: Iterable):
@@ -190,27 +188,27 @@ def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224
         f"scaling.batch_size_per_worker={batch}", f"data.crop_px={crop_px}", "data.threads_per_worker=1",
         f"scaling.use_gpu={str(torch.cuda.is_available()).lower()}", "run.log_every_steps=4",
     ]  # fmt: skip
-    rows = [
-        Result(
-            "bare PyTorch loop, in-memory tensors",
-            bare_loop("resnet50", len(index.classes), batch, crop_px, threads, steps),
-            0,
-            0,
-        )
-    ]
+    bare = bare_loop("resnet50", len(index.classes), batch, crop_px, threads, steps)
+    rows = [Result("bare PyTorch loop, in-memory tensors", bare)]
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"  # the user's store stays clean
-        for workers in (1, 2):
-            per_worker = [f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads // workers}"]
-            job = load_job("imagenet-r50", [*overrides, *per_worker, f"run.storage_path='{tmp}'"])
-            outcome = submit(job, f"bench-{workers}")
-            if not outcome.finished:
-                raise RuntimeError(f"the {workers}-worker benchmark run failed: {outcome.error}")
-            name = f"resnet-pipe, {workers} worker{'s' if workers > 1 else ''} x {threads // workers} threads"
-            rows.append(Result(name, outcome.metrics["train/images_per_s"], 0, 0))
-    if previous_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI")
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"  # the user's store stays clean
+            for workers in (1, 2):
+                per_worker = [
+                    f"scaling.num_workers={workers}",
+                    f"scaling.cpus_per_worker={threads // workers}",
+                ]
+                job = load_job("imagenet-r50", [*overrides, *per_worker, f"run.storage_path='{tmp}'"])
+                outcome = submit(job, f"bench-{workers}", index=index)
+                if not outcome.finished:
+                    raise RuntimeError(f"the {workers}-worker benchmark run failed: {outcome.error}")
+                plural = "s" if workers > 1 else ""
+                name = f"resnet-pipe, {workers} worker{plural} x {threads // workers} threads"
+                rows.append(Result(name, outcome.metrics["train/images_per_s"]))
+    finally:
+        if previous_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
     return rows

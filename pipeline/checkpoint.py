@@ -73,7 +73,9 @@ def load(folder: Path) -> dict[str, Any]:
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / META).read_text())
+    meta = json.loads((folder / META).read_text())
+    meta.setdefault("epoch_step", 0)  # format 1 checkpoints were written at epoch ends only
+    return meta
 
 
 def latest(run_dir: Path) -> Path | None:

@@ -23,11 +23,12 @@ def _fail(message: str) -> None:
     sys.exit(USAGE_ERROR)
 
 
-def _check_prepared(root: Path) -> None:
+def _check_prepared(root: Path):
+    """The prepared dataset's index; exits 2 with the reason when there is none."""
     from pipeline.dataset import load_index
 
     try:
-        load_index(root)
+        return load_index(root)
     except DatasetError as e:
         _fail(str(e))
 
@@ -176,10 +177,10 @@ def submit(
     if address and address.startswith(("http://", "https://")):  # a job server: Job Submission API
         _submit_remote(address, job_name, overrides, run_name or job.name, job, follow)
         return
-    _check_prepared(Path(job.data.root))
+    index = _check_prepared(Path(job.data.root))
     from pipeline.launch import submit as launch_submit  # imports Ray: only after the checks
 
-    outcome = launch_submit(job, run_name or job.name, address)
+    outcome = launch_submit(job, run_name or job.name, address, index)
     click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
     for key in ("val/top1", "val/top5", "train/loss"):
         if key in outcome.metrics:

@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import checkpoint, tracking
 from pipeline.config import Job, to_dict
-from pipeline.dataset import load_index
+from pipeline.dataset import Index, load_index
 from pipeline.train import train_loop_per_worker
 
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
@@ -39,8 +39,9 @@ def connect(address: str | None) -> None:
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
+def submit(job: Job, run_name: str, address: str | None = None, index: Index | None = None) -> Outcome:
     """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint.
+    `index`: the job's dataset index, when the caller has read it already.
 
     Resuming is Ray Train's own: a trainer with the same name and storage path reloads its
     checkpoint manager from storage, and `ray.train.get_checkpoint()` returns the latest one.
@@ -48,12 +49,12 @@ def submit(job: Job, run_name: str, address: str | None = None) -> Outcome:
     storage = Path(job.run.storage_path).resolve()
     run_dir = storage / run_name
     latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-    index = load_index(Path(job.data.root))  # raises DatasetError before anything starts
+    index = index or load_index(Path(job.data.root))  # raises DatasetError before anything starts
     run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash)
     print(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
     if latest is not None:
         meta = checkpoint.read_meta(latest)
-        if meta["epoch"] >= job.epochs and meta.get("epoch_step", 0) == 0:
+        if meta["epoch"] >= job.epochs and meta["epoch_step"] == 0:
             print(f"run '{run_name}' already finished {job.epochs} epochs; nothing to do")
             tracking.close_run(run_id, succeeded=True)
             return Outcome(True, meta["metrics"], run_id, run_dir)

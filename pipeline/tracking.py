@@ -86,8 +86,3 @@ class RunLogger:
             path = Path(tmp) / name
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
             self.client.log_artifact(self.run_id, str(path), artifact_path="weights")
-
-
-def run_metrics(run_id: str) -> dict[str, float]:
-    """The latest value of each metric of a run."""
-    return dict(MlflowClient(tracking_uri()).get_run(run_id).data.metrics)

@@ -105,15 +105,15 @@ def train_loop_per_worker(config: dict) -> None:
         sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
         fail_at_step=config.get("fail_at_step"),
     )  # fmt: skip
-    state, loader_state, saved = _restore(worker) or (State(), None, {})
+    state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
     ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
     step_fn = Stepper(
         torch.compile(ddp_model) if job.run.compile else ddp_model,
         worker.optimizer, job, device, num_classes=len(index.classes),
     )  # fmt: skip
     worker.scaler = step_fn.scaler
-    if saved.get("scaler"):
-        step_fn.scaler.load_state_dict(saved["scaler"])
+    if scaler_state:
+        step_fn.scaler.load_state_dict(scaler_state)
 
     # data: a restored loader continues at the exact sample (and augmentation draw) it stopped at
     crop_px = job.crop_px_at(state.epoch)
@@ -160,9 +160,10 @@ def train_loop_per_worker(config: dict) -> None:
         worker.logger.log_weights(worker.ema.model if worker.ema else model)
 
 
-def _restore(worker: Worker) -> tuple[State, bytes | None, dict] | None:
+def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:
     """Loads the latest checkpoint, if any, into the model, EMA and optimizer; returns the state,
-    this rank's data-pipeline state (None: start the loader afresh) and the whole checkpoint."""
+    this rank's data-pipeline state (None: start the loader afresh) and the GradScaler's state
+    (loaded by the caller, which creates the scaler after DDP wraps the model)."""
     saved = ray.train.get_checkpoint()
     if saved is None:
         return None
@@ -181,7 +182,7 @@ def _restore(worker: Worker) -> tuple[State, bytes | None, dict] | None:
         state.step, state.epoch_step, loader_state = state.step - state.epoch_step, 0, None
     if worker.rank == 0:
         log.info(f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch)")
-    return state, loader_state, loaded
+    return state, loader_state, loaded["scaler"]
 
 
 def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict[str, float]) -> None:
