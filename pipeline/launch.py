@@ -35,8 +35,10 @@ def connect(address: str | None) -> None:
     """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one."""
     if ray.is_initialized():
         return
-    # the dashboard stays on even locally: Ray Train's controller watches its workers through it
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # "local": a new Ray on this machine, never a cluster that `ray start` left behind (ray.init()
+    # without an address would join it, or hang on its stale address). The dashboard stays on:
+    # Ray Train's controller watches its workers through it.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def submit(job: Job, run_name: str, address: str | None = None, index: Index | None = None) -> Outcome:
