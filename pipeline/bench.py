@@ -27,7 +27,7 @@ from torchvision.transforms import v2 as T
 from pipeline.config import Job, load_job
 from pipeline.dataset import Index, load_index
 from pipeline.layouts import IMAGE_SUFFIXES
-from pipeline.loader import build_loader
+from pipeline.loader import antialiased_resize, build_loader
 
 MIN_FILES = 1024  # a small folder is repeated up to this many entries, so an epoch outlasts the warm-up
 
@@ -86,16 +86,16 @@ def torchvision_loader(index: Index, job: Job, workers: int) -> DataLoader:
 
 
 @pipeline_def
-def _decode_resize(files: list[str], file_root: str, data, device: str):
+def _decode_resize(files: list[str], file_root: str, data, gpu: bool, threads: int):
     encoded, _ = fn.readers.file(file_root=file_root, files=files, name="reader", pad_last_batch=True)
     images = fn.decoders.image_random_crop(
         encoded,
-        device=device,
+        device="mixed" if gpu else "cpu",
         output_type=types.RGB,
         random_area=list(data.scale),
         random_aspect_ratio=list(data.ratio),
     )
-    return fn.resize(images, size=[data.crop_px, data.crop_px])
+    return antialiased_resize(images, gpu, threads, size=data.crop_px)
 
 
 def ceiling_loader(index: Index, job: Job, workers: int, gpu: bool) -> DALIGenericIterator:
@@ -103,7 +103,8 @@ def ceiling_loader(index: Index, job: Job, workers: int, gpu: bool) -> DALIGener
         files=index.files("train"),
         file_root=str(index.root),
         data=job.data,
-        device="mixed" if gpu else "cpu",
+        gpu=gpu,
+        threads=workers,
         batch_size=job.scaling.batch_size_per_worker,
         num_threads=workers,
         device_id=0 if gpu else None,

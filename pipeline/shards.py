@@ -4,6 +4,8 @@ where a million small files are slow to open.
 
     ROOT/index/shards/train-00000.tar  samples "<row id>.img" (the file's bytes, any image format)
                                        and "<row id>.id" (the row id in train.tsv, int32 little-endian)
+    ROOT/index/shards/train-00000.idx  DALI's index of the tar (the format of DALI's `wds2idx`), so the
+                                       reader starts without scanning every archive
     ROOT/index/shards/shards.json      the dataset hash they were written from, and the file names
 
 Samples are written in an order shuffled once from a fixed seed, so that a shard holds a mix of
@@ -24,6 +26,7 @@ from pipeline.dataset import INDEX, Index
 FOLDER = "shards"
 SHARD_SAMPLES = 1024  # ImageNet's 1.28 M training images: 1,252 shards of about 140 MB
 WRITE_SEED = 0
+DALI_INDEX_VERSION = "v1.2"
 
 
 def shard_dir(root: Path) -> Path:
@@ -41,7 +44,7 @@ def write_shards(index: Index, samples_per_shard: int = SHARD_SAMPLES) -> dict[s
     if manifest.is_file() and json.loads(manifest.read_text())["hash"] == index.dataset_hash:
         return json.loads(manifest.read_text())["splits"]
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.tar"):
+    for old in [*out.glob("*.tar"), *out.glob("*.idx")]:
         old.unlink()
     splits = {}
     for split in ("train", "val"):
@@ -58,23 +61,32 @@ def write_shards(index: Index, samples_per_shard: int = SHARD_SAMPLES) -> dict[s
 
 
 def _write_tar(path: Path, index: Index, split: str, rows: list[int]) -> None:
+    """Writes the tar and its DALI index: a "v1.2 <samples>" line, then per sample its components
+    as "<ext> <data offset> <size> <member name>", space-separated, on one line."""
     tmp = path.with_suffix(".tar.tmp")
+    lines = [f"{DALI_INDEX_VERSION} {len(rows)}"]
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in rows:
             key = f"{row:09d}"
-            _add(tar, f"{key}.img", (index.root / index.files(split)[row]).read_bytes())
-            _add(tar, f"{key}.id", struct.pack("<i", row))
+            image = _add(tar, f"{key}.img", (index.root / index.files(split)[row]).read_bytes())
+            row_id = _add(tar, f"{key}.id", struct.pack("<i", row))
+            lines.append(f"{image} {row_id}")
+    path.with_suffix(".idx").write_text("\n".join(lines) + "\n")
     tmp.replace(path)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> str:
+    """Appends one member; returns its entry in DALI's index."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
+    data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
     tar.addfile(info, io.BytesIO(data))
+    return f"{name.rsplit('.', 1)[1]} {data_offset} {len(data)} {name}"
 
 
-def read_shards(root: Path, split: str) -> list[str]:
-    """The shard paths of `split`, checked against the current index.
+def read_shards(root: Path, split: str) -> tuple[list[str], list[str] | None]:
+    """The shard paths of `split`, checked against the current index, and their DALI index paths
+    (None for shards written without them: DALI then scans the archives when it starts).
 
     Raises:
         FileNotFoundError: no shards, or shards of another version of the dataset.
@@ -88,4 +100,6 @@ def read_shards(root: Path, split: str) -> list[str]:
         raise FileNotFoundError(
             f"the shards of {root} are from an older index: run `data prepare {root} --shards`"
         )
-    return [str(shard_dir(root) / name) for name in written["splits"][split]]
+    tars = [shard_dir(root) / name for name in written["splits"][split]]
+    indexes = [tar.with_suffix(".idx") for tar in tars]
+    return [str(t) for t in tars], [str(i) for i in indexes] if all(i.is_file() for i in indexes) else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,9 +34,18 @@ def _job(root: Path, source: str):
 
 def test_shards_hold_every_kept_file_in_small_tars(sharded: Path) -> None:
     index = load_index(sharded)
-    train = read_shards(sharded, "train")
+    train, _ = read_shards(sharded, "train")
     assert len(train) == -(-len(index.files("train")) // 10)
     assert all(Path(p).stat().st_size > 0 for p in train)
+
+
+def test_each_shard_has_the_index_dalis_own_tool_writes(sharded: Path, tmp_path: Path) -> None:
+    tars, indexes = read_shards(sharded, "train")
+    assert indexes == [str(Path(t).with_suffix(".idx")) for t in tars]
+    for tar, ours in zip(tars, indexes):
+        theirs = tmp_path / Path(tar).with_suffix(".idx").name
+        subprocess.run([Path(sys.executable).parent / "wds2idx", tar, theirs], check=True, capture_output=True)
+        assert Path(ours).read_text() == theirs.read_text()
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -76,5 +87,5 @@ def test_shards_of_an_older_index_are_refused_and_rewritten(sharded: Path, tmp_p
     with pytest.raises(FileNotFoundError, match="older index"):
         read_shards(root, "val")
     write_shards(load_index(root), samples_per_shard=10)
-    assert len(read_shards(root, "val")) == -(-len(load_index(root).files("val")) // 10)
+    assert len(read_shards(root, "val")[0]) == -(-len(load_index(root).files("val")) // 10)
     assert (shard_dir(root) / "shards.json").is_file()
