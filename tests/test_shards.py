@@ -44,7 +44,8 @@ def test_each_shard_has_the_index_dalis_own_tool_writes(sharded: Path, tmp_path:
     assert indexes == [str(Path(t).with_suffix(".idx")) for t in tars]
     for tar, ours in zip(tars, indexes):
         theirs = tmp_path / Path(tar).with_suffix(".idx").name
-        subprocess.run([Path(sys.executable).parent / "wds2idx", tar, theirs], check=True, capture_output=True)
+        wds2idx = Path(sys.executable).parent / "wds2idx"  # DALI's own indexer
+        subprocess.run([wds2idx, tar, theirs], check=True, capture_output=True)
         assert Path(ours).read_text() == theirs.read_text()
 
 
