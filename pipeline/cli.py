@@ -55,7 +55,8 @@ def jobs(ctx: click.Context) -> None:
     for name in job_names():
         job = _load(name, ())
         device = "GPU" if job.scaling.use_gpu else "CPU"
-        workers = f"{job.scaling.num_workers} x {device}"
+        counts = job.scaling.worker_counts
+        workers = f"{counts[0]}-{counts[-1] if len(counts) > 1 else counts[0]} x {device}"
         rows.append((name, job.model.arch, job.dataset, str(job.epochs), workers))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -180,7 +181,8 @@ def submit(
     index = _check_prepared(Path(job.data.root))
     from pipeline.launch import submit as launch_submit  # imports Ray: only after the checks
 
-    outcome = launch_submit(job, run_name or job.name, address, index)
+    terminal = sys.stderr if sys.stderr.isatty() else None  # a live bar there; else progress lines
+    outcome = launch_submit(job, run_name or job.name, address, index, progress_to=terminal)
     click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
     for key in ("val/top1", "val/top5", "train/loss"):
         if key in outcome.metrics:

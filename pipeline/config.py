@@ -83,11 +83,24 @@ class Optim:
 
 @dataclass(frozen=True)
 class Scaling:
-    num_workers: int = 1  # Ray Train workers, one DDP rank each
+    num_workers: int = 1  # Ray Train workers, one DDP rank each; the most, when min_workers is set
+    min_workers: int = 0  # > 0: elastic, any count from min_workers to num_workers (global batch kept)
+    resize_check_s: float = 60.0  # elastic: how often Ray looks for room to add workers
     use_gpu: bool = False  # one GPU per worker; NCCL, mixed decoding and autocast follow from it
     cpus_per_worker: int = 1
-    batch_size_per_worker: int = 32
+    batch_size_per_worker: int = 32  # at num_workers; fewer workers accumulate more (global batch kept)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def __post_init__(self):
+        if self.min_workers > self.num_workers:
+            raise JobError(
+                f"scaling.min_workers ({self.min_workers}) is above scaling.num_workers ({self.num_workers})"
+            )
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the job may run with."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,15 @@ class Job:
     scaling: Scaling = field(default_factory=Scaling)
     run: Run = field(default_factory=Run)
 
+    def __post_init__(self):
+        odd = [w for w in self.scaling.worker_counts if self.global_batch_size % w]
+        if odd:
+            raise JobError(
+                f"the global batch ({self.global_batch_size} images) does not split evenly over "
+                f"{', '.join(map(str, odd))} workers: choose scaling.min_workers, scaling.num_workers, "
+                "batch_size_per_worker and optim.accumulation_steps so that it does for every worker count"
+            )
+
     def crop_px_at(self, epoch: int) -> int:
         """The training crop for `epoch`: progressive resizing (Tan and Le 2021), else `data.crop_px`."""
         crop = self.data.crop_px
@@ -128,8 +150,22 @@ class Job:
 
     @property
     def global_batch_size(self) -> int:
-        """Images per optimizer step, over all workers and accumulated micro-batches."""
+        """Images per optimizer step, over all workers and accumulated micro-batches, whatever the
+        number of workers of the moment (`at_world`)."""
         return self.scaling.batch_size_per_worker * self.scaling.num_workers * self.optim.accumulation_steps
+
+    def at_world(self, world: int) -> Job:
+        """This job as run by `world` workers: the same global batch, in as few micro-batches per
+        worker as fit in `batch_size_per_worker` (and divide the worker's share evenly)."""
+        share = self.global_batch_size // world
+        accumulation = next(
+            a for a in range(-(-share // self.scaling.batch_size_per_worker), share + 1) if share % a == 0
+        )
+        scaling = dataclasses.replace(
+            self.scaling, num_workers=world, min_workers=0, batch_size_per_worker=share // accumulation
+        )
+        optim = dataclasses.replace(self.optim, accumulation_steps=accumulation)
+        return dataclasses.replace(self, scaling=scaling, optim=optim)
 
     @property
     def peak_lr(self) -> float:

@@ -6,9 +6,11 @@ outcome.finished, outcome.metrics["val/top1"], outcome.mlflow_run_id
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import ray
 import ray.train
@@ -17,9 +19,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import checkpoint, tracking
 from pipeline.config import Job, to_dict
 from pipeline.dataset import Index, load_index
+from pipeline.progress import Board, ProgressBar
 from pipeline.train import train_loop_per_worker
 
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
+KILL_ENV = "RESNET_PIPE_KILL_AT_STEP"  # test hook: the last rank kills its process there, once
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,16 @@ def connect(address: str | None) -> None:
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
-def submit(job: Job, run_name: str, address: str | None = None, index: Index | None = None) -> Outcome:
+def submit(
+    job: Job,
+    run_name: str,
+    address: str | None = None,
+    index: Index | None = None,
+    progress_to: TextIO | None = None,
+) -> Outcome:
     """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint.
-    `index`: the job's dataset index, when the caller has read it already.
+    `index`: the job's dataset index, when the caller has read it already. `progress_to`: a
+    terminal to draw a live progress bar on (else rank 0 prints progress lines).
 
     Resuming is Ray Train's own: a trainer with the same name and storage path reloads its
     checkpoint manager from storage, and `ray.train.get_checkpoint()` returns the latest one.
@@ -63,7 +74,8 @@ def submit(job: Job, run_name: str, address: str | None = None, index: Index | N
         print(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
     connect(address)
-    fault = os.environ.get(FAULT_ENV)
+    fault, kill = os.environ.get(FAULT_ENV), os.environ.get(KILL_ENV)
+    board = Board.remote() if progress_to is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -73,10 +85,17 @@ def submit(job: Job, run_name: str, address: str | None = None, index: Index | N
             "tracking_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
             "fail_at_step": int(fault) if fault else None,
+            "kill_at_step": int(kill) if kill else None,
+            "board": board,
         },
         torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=job.scaling.num_workers,
+            # a range makes the run elastic: it starts with what it gets, within the range, and
+            # restarts at another size after a failure or when room appears (Ray Train V2)
+            num_workers=(job.scaling.min_workers, job.scaling.num_workers)
+            if job.scaling.min_workers
+            else job.scaling.num_workers,
+            elastic_resize_monitor_interval_s=job.scaling.resize_check_s,
             use_gpu=job.scaling.use_gpu,
             resources_per_worker={"CPU": job.scaling.cpus_per_worker},
             placement_strategy=job.scaling.placement_strategy,
@@ -94,8 +113,10 @@ def submit(job: Job, run_name: str, address: str | None = None, index: Index | N
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
         ),
     )
+    bar = ProgressBar(board, job.epochs, progress_to) if board else contextlib.nullcontext()
     try:
-        result = trainer.fit()
+        with bar:
+            result = trainer.fit()
         error = str(result.error) if result.error else None
         metrics = dict(result.metrics or {})
     except Exception as e:  # Ray Train V2 raises on a failed run

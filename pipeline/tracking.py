@@ -74,11 +74,25 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str):
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self._logged_up_to: dict[str, int] = {}
+
+    def skip_logged(self) -> None:
+        """From now on, leaves out what the run already holds at a step: a run restarted from a
+        checkpoint goes over steps an earlier attempt logged (after the checkpoint it restarts
+        from), and each step of each metric stays in MLflow once."""
+        for key in self.client.get_run(self.run_id).data.metrics:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+            self._logged_up_to[key] = max(steps, default=-1)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if step > self._logged_up_to.get(key, -1)
+        ]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_weights(self, model: nn.Module, name: str = "model.safetensors") -> None:
         """The weights as plain tensors (safetensors), under the run's `weights/` artifacts."""

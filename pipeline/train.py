@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ from pipeline.dataset import load_index
 from pipeline.ema import WeightEMA
 from pipeline.loader import Loader, build_loader
 from pipeline.optim import build_optimizer, lr_at
+from pipeline.progress import Progress
 from pipeline.step import Stepper, all_reduce_sum, evaluate, gather_objects, uses_channels_last
 from pipeline.tracking import RunLogger
 
@@ -63,7 +66,8 @@ class State:
 class Worker:
     """What every part of one rank's loop shares."""
 
-    job: Job
+    job: Job  # as run by this many workers (micro-batch and accumulation)
+    submitted: Job  # as submitted: what checkpoints record
     rank: int
     world: int
     device: torch.device
@@ -72,17 +76,21 @@ class Worker:
     ema: WeightEMA | None
     logger: RunLogger | None  # rank 0 only
     sample_log: Path | None  # where this rank appends the ids of every batch, when asked
-    fail_at_step: int | None  # an injected fault, for tests
+    faults: dict  # injected faults, for tests: fail_at_step, kill_at_step, run_dir
+    board: object | None  # rank 0: the driver's progress board (pipeline.progress), when it draws a bar
     scaler: torch.amp.GradScaler | None = field(default=None)  # the Stepper's, once it exists
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point. `config`: job (resolved, as a dict), data_root, run_dir,
-    tracking_uri, mlflow_run_id, and fail_at_step (an injected fault for tests, or None)."""
+    tracking_uri, mlflow_run_id, and the injected faults of tests (fail_at_step: rank 0 raises;
+    kill_at_step: the last rank kills its own process, once per run; each None when off), and
+    board: the driver's progress board, or None for progress lines."""
     _setup_logging()
-    job: Job = from_dict(config["job"])
+    submitted = from_dict(config["job"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    job = submitted.at_world(world)  # the same global batch at any worker count
     device = ray.train.torch.get_device()
     torch.set_num_threads(job.scaling.cpus_per_worker)
 
@@ -99,11 +107,12 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(job.seed + 1 + rank)  # from here on (mixup draws) each rank has its own stream
     worker = Worker(
-        job, rank, world, device, model, build_optimizer(model, job),
+        job, submitted, rank, world, device, model, build_optimizer(model, job),
         ema=WeightEMA(model, job.optim.ema_decay, job.optim.ema_every_steps) if job.optim.ema_decay else None,
         logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
         sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
-        fail_at_step=config.get("fail_at_step"),
+        faults={k: config.get(k) for k in ("fail_at_step", "kill_at_step", "run_dir")},
+        board=config.get("board") if rank == 0 else None,
     )  # fmt: skip
     state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
     ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
@@ -178,10 +187,20 @@ def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:
     if len(ranks) == worker.world:
         torch.set_rng_state(ranks[worker.rank]["torch_rng"])
         loader_state = ranks[worker.rank]["loader"]
-    else:  # another number of workers: the shards differ, so the epoch in progress starts over
-        state.step, state.epoch_step, loader_state = state.step - state.epoch_step, 0, None
+    else:
+        # another number of workers (elastic): the data is re-sharded over the new workers, which
+        # take the epoch's remaining steps from fresh shards, at the same global batch
+        torch.manual_seed(worker.job.seed + 1 + worker.rank + 7919 * state.step)
+        loader_state = None
     if worker.rank == 0:
-        log.info(f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch)")
+        worker.logger.skip_logged()  # the steps between this checkpoint and the failure are in MLflow
+        job, resized = worker.job, f" (was {len(ranks)} workers)" if len(ranks) != worker.world else ""
+        log.info(
+            f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch) on "
+            f"{worker.world} workers{resized}: {job.optim.accumulation_steps} x "
+            f"{job.scaling.batch_size_per_worker} images per worker and step, "
+            f"global batch {job.global_batch_size}"
+        )
     return state, loader_state, loaded["scaler"]
 
 
@@ -198,7 +217,7 @@ def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict
         if worker.rank == 0:
             checkpoint.save(
                 Path(tmp), model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
-                epoch_step=state.epoch_step, ranks=ranks, job=worker.job, metrics=metrics,
+                epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,
                 scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
                 clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
             )  # fmt: skip
@@ -227,14 +246,14 @@ def train_one_epoch(
     while state.epoch_step < steps:
         if state.epoch_step == timed_from:  # the first steps pay for allocator and kernel warm-up
             images_seen, waited, start = 0, 0.0, time.perf_counter()
-        if worker.fail_at_step == state.step and worker.rank == 0:
-            raise RuntimeError(f"injected fault at step {state.step} (RESNET_PIPE_FAIL_AT_STEP)")
+        _inject_faults(worker, state.step)
         fetch = time.perf_counter()
         micro = [next(batches) for _ in range(job.optim.accumulation_steps)]
         waited += time.perf_counter() - fetch
         if worker.sample_log:
             _append_ids(worker.sample_log, state, torch.cat([ids for _, _, ids in micro]))
-        loss = step_fn([(images, labels) for images, labels, _ in micro], lr_at(state.step, job, steps))
+        lr = lr_at(state.step, job, steps)
+        loss = step_fn([(images, labels) for images, labels, _ in micro], lr)
         loss_sum += loss
         images_seen += sum(len(labels) for _, labels, _ in micro) * worker.world
         state.step += 1
@@ -244,7 +263,12 @@ def train_one_epoch(
         if worker.rank == 0 and state.epoch_step % job.run.log_every_steps == 0:
             since = timed_from if state.epoch_step > timed_from else first
             elapsed, timed = time.perf_counter() - start, state.epoch_step - since
-            _log_progress(state, steps, loss, images_seen, waited, elapsed, timed)
+            progress = _progress(state, steps, loss, images_seen, waited, elapsed, timed)
+            if worker.board is not None:
+                worker.board.post.remote(progress)  # the driver draws the bar
+            else:
+                log.info(progress.line())
+            worker.logger.log_metrics(progress.metrics(lr), step=state.step)
         every = job.run.checkpoint_every_steps
         if every and state.step % every == 0 and state.epoch_step < steps:
             # val/top1 -1: Ray ranks mid-epoch checkpoints below every scored one (the latest stays)
@@ -261,16 +285,28 @@ def train_one_epoch(
     }
 
 
-def _log_progress(
+def _progress(
     state: State, steps: int, loss: torch.Tensor, images: int, waited: float, elapsed: float, timed_steps: int
-) -> None:
+) -> Progress:
     eta_s = elapsed / max(timed_steps, 1) * (steps - state.epoch_step)
     # note: .item() is a device sync point, once every log_every_steps steps
-    log.info(
-        f"epoch {state.epoch} step {state.epoch_step}/{steps} ({100 * state.epoch_step // steps} %)  "
-        f"loss {loss.item():.4f}  images/s {images / elapsed:.1f}  data wait {100 * waited / elapsed:.0f} %  "
-        f"epoch ETA {eta_s // 60:.0f}m{eta_s % 60:02.0f}s"
+    return Progress(
+        state.epoch, state.epoch_step, steps, loss.item(), images / elapsed, waited / elapsed, eta_s
     )
+
+
+def _inject_faults(worker: Worker, step: int) -> None:
+    """The faults tests inject: rank 0 raises at `fail_at_step` (every attempt); the last rank
+    SIGKILLs its own process at `kill_at_step`, the first time the run gets there."""
+    faults = worker.faults
+    if faults["fail_at_step"] == step and worker.rank == 0:
+        raise RuntimeError(f"injected fault at step {step} (RESNET_PIPE_FAIL_AT_STEP)")
+    if faults["kill_at_step"] == step and worker.rank == worker.world - 1:
+        marker = Path(faults["run_dir"]) / "faults" / f"killed-at-step-{step}"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _append_ids(path: Path, state: State, ids: torch.Tensor) -> None:

@@ -104,3 +104,30 @@ def test_strong_recipe_jobs_carry_torchvisions_v2_recipe(depth: int, aim: float)
     assert job.global_batch_size == 1024 and job.peak_lr == pytest.approx(0.5)
     assert (job.data.crop_px, job.data.val_resize_px, job.data.val_crop_px) == (176, 232, 224)
     assert job.data.auto_augment == "trivial" and job.optim.ema_decay > 0
+
+
+def test_an_elastic_job_keeps_its_global_batch_at_every_worker_count() -> None:
+    elastic = ["scaling.num_workers=4", "scaling.min_workers=1", "scaling.batch_size_per_worker=192"]
+    job = load_job("imagenet-r50", elastic)
+    assert list(job.scaling.worker_counts) == [1, 2, 3, 4] and job.global_batch_size == 768
+    plans = {}
+    for world in job.scaling.worker_counts:
+        at = job.at_world(world)
+        assert at.global_batch_size == 768 and at.peak_lr == job.peak_lr
+        assert at.scaling.batch_size_per_worker <= 192
+        plans[world] = (at.scaling.batch_size_per_worker, at.optim.accumulation_steps)
+    assert plans == {1: (192, 4), 2: (192, 2), 3: (128, 2), 4: (192, 1)}
+    fixed = load_job("quickstart")
+    assert fixed.at_world(2) == fixed  # a fixed-size job runs as written
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["scaling.num_workers=4", "scaling.min_workers=1"], "does not split evenly over 3 workers"),
+        (["scaling.num_workers=2", "scaling.min_workers=3"], "min_workers \\(3\\) is above"),
+    ],
+)
+def test_elastic_ranges_that_cannot_keep_the_global_batch_are_refused(overrides, message) -> None:
+    with pytest.raises(JobError, match=message):
+        load_job("imagenet-r50", overrides)

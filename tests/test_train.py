@@ -3,6 +3,7 @@ it fails at an injected fault, and a second submission resumes it to the end."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -139,3 +140,12 @@ def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
     for part in ("model", "ema"):
         for name, tensor in end_a[part].items():
             torch.testing.assert_close(end_b[part][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+
+
+def test_the_driver_draws_a_live_progress_bar(ray_session, prepared_dataset, workdir) -> None:
+    terminal = io.StringIO()
+    done = submit(_small_job(prepared_dataset, "epochs=1"), "bar", progress_to=terminal)
+    assert done.finished, done.error
+    drawn = terminal.getvalue()
+    assert "epoch 1/1" in drawn and "3/3 steps" in drawn
+    assert all(part in drawn for part in ("loss ", " images/s", "data wait ", "ETA "))
