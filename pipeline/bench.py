@@ -10,9 +10,11 @@ the same process, and the ratio is printed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -174,10 +176,28 @@ def bare_loop(arch: str, num_classes: int, batch: int, crop_px: int, threads: in
     return batch * (steps - 2) / (time.perf_counter() - start)
 
 
+def _bare_loop_in_fresh_process(*args) -> float:
+    """`bare_loop` in a new process that starts with the training workers' malloc settings, so
+    that the two sides differ by the pipeline alone."""
+    from pipeline.launch import WORKER_ENV
+
+    saved = {key: os.environ.get(key) for key in WORKER_ENV}
+    os.environ.update(WORKER_ENV)  # a spawned child reads them when it starts
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(bare_loop, *args).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
 def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224) -> list[Result]:
     """The whole pipeline (Ray Train, DALI, MLflow tracking) against `bare_loop`, same model,
-    batch and threads; then 2 DDP workers of half the threads each. Steady state: the first 2
-    steps of each are left out."""
+    batch, threads and malloc settings; then 2 DDP workers of half the threads each. Steady
+    state: the first 2 steps of each are left out."""
     import tempfile
 
     from pipeline.launch import submit
@@ -189,7 +209,7 @@ def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224
         f"scaling.batch_size_per_worker={batch}", f"data.crop_px={crop_px}", "data.threads_per_worker=1",
         f"scaling.use_gpu={str(torch.cuda.is_available()).lower()}", "run.log_every_steps=4",
     ]  # fmt: skip
-    bare = bare_loop("resnet50", len(index.classes), batch, crop_px, threads, steps)
+    bare = _bare_loop_in_fresh_process("resnet50", len(index.classes), batch, crop_px, threads, steps)
     rows = [Result("bare PyTorch loop, in-memory tensors", bare)]
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
