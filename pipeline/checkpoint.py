@@ -82,3 +82,15 @@ def latest(run_dir: Path) -> Path | None:
     """The checkpoint folder under `run_dir` with the highest step, or None."""
     found = [(read_meta(p.parent)["step"], p.parent) for p in run_dir.glob(f"*/{META}")]
     return max(found)[1] if found else None
+
+
+def best(run_dir: Path) -> Path | None:
+    """The scored checkpoint under `run_dir` with the highest val/top1 (the later one on a tie);
+    None when there is none (mid-epoch checkpoints carry no score)."""
+    found = []
+    for path in run_dir.glob(f"*/{META}"):
+        meta = read_meta(path.parent)
+        top1 = meta["metrics"].get("val/top1", -1.0)
+        if top1 >= 0:
+            found.append((top1, meta["step"], path.parent))
+    return max(found)[2] if found else None

@@ -7,6 +7,7 @@ exit code 2, before Ray starts.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -263,6 +264,98 @@ def stop_job(submission_id: str, address: str | None) -> None:
 
     stopped = cluster.client(address).stop_job(submission_id)
     click.echo(f"{submission_id}: {'stopping' if stopped else 'not running'}")
+
+
+@main.group(invoke_without_command=True)
+@click.argument("job_name", metavar="[JOB]", required=False)
+@click.pass_context
+def runs(ctx: click.Context, job_name: str | None) -> None:
+    """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pipeline.runs import RunsError, run_table
+
+    try:
+        summaries = run_table(job_name)
+    except RunsError as e:
+        _fail(str(e))
+    rows = [("RUN", "JOB", "STATUS", "EPOCHS", "BEST TOP-1", "IMAGES/S", "DURATION", "RUN ID")]
+    for r in summaries:
+        rows.append((
+            r.name, r.job, r.status, str(r.epochs),
+            f"{r.best_top1:.4f}" if r.best_top1 is not None else "-",
+            f"{r.images_per_s:.1f}" if r.images_per_s is not None else "-",
+            _duration(r.duration_s), r.run_id,
+        ))  # fmt: skip
+    _print_table(rows)
+
+
+@runs.command("compare")
+@click.argument("a")
+@click.argument("b")
+def runs_compare(a: str, b: str) -> None:
+    """What differs between runs A and B (names or ids): settings, then results."""
+    from pipeline.runs import RunsError, compare
+
+    try:
+        run_a, run_b, settings, results = compare(a, b)
+    except RunsError as e:
+        _fail(str(e))
+    header = ("", f"A: {run_a.info.run_name}", f"B: {run_b.info.run_name}")
+    click.echo("settings that differ:" if settings else "settings: identical")
+    if settings:
+        _print_table([("SETTING", *header[1:]), *settings])
+    click.echo("results:")
+    _print_table([("METRIC", *header[1:]), *results])
+
+
+@main.command()
+@click.argument("target", metavar="RUN | MODEL/VERSION | MODEL")
+@click.option("--force", is_flag=True, help="Promote even when it does not beat the current champion.")
+@click.option("--rollback", is_flag=True, help="Give MODEL's champion alias back to the previous version.")
+def promote(target: str, force: bool, rollback: bool) -> None:
+    """Move MODEL's `champion` alias to a run's registered version, only when it beats the
+    current champion's val/top1 on the same dataset hash."""
+    from pipeline import registry
+
+    try:
+        outcome = registry.rollback(target) if rollback else registry.promote(target, force=force)
+    except registry.RegistryError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(outcome.message)
+
+
+@main.command()
+@click.option("--port", default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+def ui(port: int, host: str) -> None:
+    """Start the MLflow UI over the local store (mlflow.db and mlartifacts/ here)."""
+    from pipeline.tracking import DEFAULT_ARTIFACTS, tracking_uri
+
+    uri = tracking_uri()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+        "--default-artifact-root", str(Path.cwd() / DEFAULT_ARTIFACTS), "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    click.echo(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C stops it)")
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 @main.group()

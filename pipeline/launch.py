@@ -85,6 +85,7 @@ def submit(
         print(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
     connect(address)
+    _record_hardware(run_id)
     fault, kill = os.environ.get(FAULT_ENV), os.environ.get(KILL_ENV)
     board = Board.remote() if progress_to is not None else None
     trainer = TorchTrainer(
@@ -132,5 +133,33 @@ def submit(
         metrics = dict(result.metrics or {})
     except Exception as e:  # Ray Train V2 raises on a failed run
         error, metrics = f"{type(e).__name__}: {e}", {}
+    if error is None:
+        _register(job, run_id, run_dir, index)
     tracking.close_run(run_id, succeeded=error is None)
     return Outcome(error is None, metrics, run_id, run_dir, error)
+
+
+def _register(job: Job, run_id: str, run_dir: Path, index: Index) -> None:
+    """The run's best checkpoint into the model registry; a registry failure is reported, and the
+    trained run stands (`resnet-pipe` can register it later from its checkpoints)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import registry
+
+    try:
+        version = registry.register(run_id, run_dir, job, index)
+    except (MlflowException, OSError) as e:
+        print(f"warning: the run finished but its model was not registered: {e}")
+        return
+    if version is not None:
+        top1 = version.tags["val/top1"]
+        print(f"registered model {version.name} version {version.version} (val/top1 {top1})")
+
+
+def _record_hardware(run_id: str) -> None:
+    resources = ray.cluster_resources()
+    prefix = "accelerator_type:"
+    gpu_kinds = sorted(k.removeprefix(prefix) for k in resources if k.startswith(prefix))
+    nodes = len([node for node in ray.nodes() if node["Alive"]])
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    tracking.record_hardware(run_id, nodes, cpus, gpus, ",".join(gpu_kinds))

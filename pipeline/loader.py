@@ -207,6 +207,21 @@ class Loader:
         accounted for: `build_loader(..., checkpoint=state)` continues with the next batch."""
         return self._iterator.checkpoints()[0]
 
+    def skip(self, batches: int) -> None:
+        """Reads past `batches` batches (decoded, not handed out)."""
+        for _ in range(batches):
+            next(self._iterator)
+
+    def end_epoch(self, left: int) -> None:
+        """Reads past the `left` batches this epoch still holds, so that the next iteration
+        starts the next epoch (an epoch capped by steps, or a remainder of micro-batches)."""
+        self.skip(left)
+        try:
+            next(self._iterator)
+        except StopIteration:
+            return  # the epoch boundary: the iterator has reset itself
+        raise RuntimeError("the training loader was not where the epoch's step count says")
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for (batch,) in self._iterator:
             ids = batch["ids"].reshape(-1).long().cpu()

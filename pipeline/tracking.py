@@ -13,16 +13,16 @@ with artifacts beside it; MLFLOW_TRACKING_URI overrides both.
 from __future__ import annotations
 
 import os
-import tempfile
+import platform
+import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
-from safetensors.torch import save_file
-from torch import nn
 
-from pipeline.config import Job, flatten, to_dict
+from pipeline.config import Job, flatten, jobs_dir, to_dict
 
 RUN_ID_FILE = "mlflow_run_id"  # in the run's storage folder: a resubmitted run reopens its MLflow run
 DEFAULT_DB = "mlflow.db"
@@ -58,9 +58,48 @@ def open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
     params |= {"global_batch_size": str(job.global_batch_size), "peak_lr": str(job.peak_lr)}
     params |= {"dataset_hash": dataset_hash}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+    client.log_dict(run.info.run_id, to_dict(job), "job/resolved.json")
+    job_file = jobs_dir() / f"{job.name}.toml"
+    if job_file.is_file():
+        client.log_text(run.info.run_id, job_file.read_text(), f"job/{job.name}.toml")
+    for key, value in _environment().items():
+        client.set_tag(run.info.run_id, key, value)
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.info.run_id)
     return run.info.run_id
+
+
+PACKAGES = ("torch", "torchvision", "timm", "ray", "nvidia-dali-cuda120", "mlflow", "numpy")
+
+
+def _environment() -> dict[str, str]:
+    """Tags: the git commit of the code (MLflow's own key), package versions, Python, the OS."""
+    tags = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in PACKAGES:
+        try:
+            tags[f"versions.{package}"] = version(package)
+        except PackageNotFoundError:
+            continue
+    project = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # not a git checkout, or no git: the versions above still say what ran
+    return tags
+
+
+def record_hardware(run_id: str, nodes: int, cpus: float, gpus: float, gpu_kind: str) -> None:
+    """The cluster an attempt ran on (a resumed run records the latest one)."""
+    tags = {"hardware.nodes": str(nodes), "hardware.cpus": f"{cpus:g}", "hardware.gpus": f"{gpus:g}"}
+    if gpu_kind:
+        tags["hardware.gpu"] = gpu_kind
+    client = MlflowClient(tracking_uri())
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def close_run(run_id: str, succeeded: bool) -> None:
@@ -93,10 +132,3 @@ class RunLogger:
         ]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
-
-    def log_weights(self, model: nn.Module, name: str = "model.safetensors") -> None:
-        """The weights as plain tensors (safetensors), under the run's `weights/` artifacts."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
-            self.client.log_artifact(self.run_id, str(path), artifact_path="weights")

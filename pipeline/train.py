@@ -133,6 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = len(train_loader) // job.optim.accumulation_steps
     if job.run.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, job.run.max_steps_per_epoch)
+    if loader_state is None and state.epoch_step:  # re-sharded mid-epoch: line up with the epoch's end
+        train_loader.skip(state.epoch_step * job.optim.accumulation_steps)
 
     for epoch in range(state.epoch, job.epochs):
         if job.crop_px_at(epoch) != crop_px:  # progressive resizing: same sample order, new size
@@ -143,6 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
         started = time.perf_counter()
         metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
+        train_loader.end_epoch(len(train_loader) - steps_per_epoch * job.optim.accumulation_steps)
         metrics |= evaluate(model, val_loader, device, job)
         if worker.ema is not None:
             ema = evaluate(worker.ema.model, val_loader, device, job)
@@ -165,8 +168,6 @@ def train_loop_per_worker(config: dict) -> None:
             log.info(f"epoch {epoch}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
             worker.logger.log_metrics(metrics, step=epoch)
         _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch})
-    if rank == 0:
-        worker.logger.log_weights(worker.ema.model if worker.ema else model)
 
 
 def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:

@@ -1,0 +1,69 @@
+"""The registered model as MLflow loads it: a pyfunc model defined from code, over plain
+artifacts (never a pickled object): the weights as safetensors, the resolved job as JSON, and
+the class list of the dataset it was trained on.
+
+Input: a DataFrame with a column "image" of encoded images (JPEG, PNG, ... bytes). Output: one
+row per image with the top class (class_index, wnid, name, probability) and "top_k", the best
+`TOP_K` as JSON. Preprocessing is the job's evaluation transform: shorter side to
+data.val_resize_px, center crop data.val_crop_px, normalize with data.mean and data.std.
+
+`pipeline.registry` logs it with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision.transforms import v2 as T
+
+from pipeline.config import from_dict
+
+TOP_K = 5
+
+
+class ResNetClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        job = from_dict(json.loads(Path(context.artifacts["job"]).read_text()))
+        rows = Path(context.artifacts["classes"]).read_text().splitlines()
+        self.classes = [row.split("\t") for row in rows]  # index, wnid, name
+        self.model = timm.create_model(job.model.arch, num_classes=len(self.classes))
+        self.model.load_state_dict(load_file(context.artifacts["weights"]))
+        self.model.eval()
+        data = job.data
+        self.transform = T.Compose([
+            T.PILToTensor(),
+            T.Resize(data.val_resize_px, antialias=True),
+            T.CenterCrop(data.val_crop_px),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(data.mean, data.std),
+        ])  # fmt: skip
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        batch = torch.stack([self._decode(b) for b in model_input["image"]])
+        with torch.inference_mode():
+            probabilities = self.model(batch).softmax(dim=1)
+        top = probabilities.topk(min(TOP_K, probabilities.shape[1]), dim=1)
+        rows = []
+        for values, indices in zip(top.values.tolist(), top.indices.tolist()):
+            best = [self._describe(i, p) for i, p in zip(indices, values)]
+            rows.append(best[0] | {"top_k": json.dumps(best)})
+        return pd.DataFrame(rows)
+
+    def _decode(self, encoded: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(encoded)) as image:
+            return self.transform(image.convert("RGB"))
+
+    def _describe(self, index: int, probability: float) -> dict:
+        _, wnid, name = self.classes[index]
+        return {"class_index": index, "wnid": wnid, "name": name, "probability": probability}
+
+
+mlflow.models.set_model(ResNetClassifier())

@@ -1,0 +1,219 @@
+"""The MLflow model registry: a finished run's best weights become a model version, and the
+`champion` alias moves only to a version that beats the current champion.
+
+    version = register(run_id, run_dir, job, index)   # at the end of a run (the driver)
+    promote("resnet50/3")                              # the gate: better val/top1, same dataset hash
+    promote("my-run", force=True)                      # past the gate, and says so
+    rollback("resnet50")                               # the previous champion again
+
+Model name = the architecture (`resnet50`). Each version carries the tags `val/top1`,
+`dataset_hash`, `run_id` and `checkpoint` (the full training checkpoint it came from). The
+registered model's tag `champion_history` lists the versions that held the alias, oldest
+first, so that a rollback knows where to go back to.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from pipeline import checkpoint
+from pipeline.config import Job, to_dict
+from pipeline.dataset import Index
+from pipeline.tracking import tracking_uri
+
+CHAMPION = "champion"
+HISTORY_TAG = "champion_history"
+MODEL_CODE = Path(__file__).resolve().parent.parent / "deploy" / "mlflow_model.py"
+
+
+class RegistryError(ValueError):
+    """A promotion or rollback that cannot be done: unknown run or version, refused by the gate."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    version: str
+    previous: str | None
+    message: str
+
+
+def register(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion | None:
+    """Logs the run's best checkpoint's weights (`weights/model.safetensors`, and the checkpoint's
+    location as the tag `checkpoint`), then the same as a pyfunc model (weights as safetensors, the job, the
+    classes; `deploy/mlflow_model.py`) with a signature and an input example, and registers it
+    under the architecture's name. None when the run has no scored checkpoint."""
+    best = checkpoint.best(run_dir)
+    if best is None:
+        return None
+    state = checkpoint.load(best)
+    top1 = state["metrics"]["val/top1"]
+    weights = state["model"]
+    if state.get("ema") is not None and state["metrics"].get("val/ema_top1", -1.0) > top1:
+        weights, top1 = state["ema"], state["metrics"]["val/ema_top1"]  # the EMA model scored better
+    mlflow.set_tracking_uri(tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {
+            "weights": Path(tmp) / "model.safetensors",
+            "job": Path(tmp) / "job.json",
+            "classes": Path(tmp) / "classes.tsv",
+        }
+        save_file({k: v.contiguous() for k, v in weights.items()}, artifacts["weights"])
+        client = MlflowClient(tracking_uri())
+        client.log_artifact(run_id, str(artifacts["weights"]), artifact_path="weights")  # plain tensors
+        client.set_tag(run_id, "checkpoint", str(best))  # the full training state they came from
+        artifacts["job"].write_text(json.dumps(to_dict(job), indent=1))
+        classes = (index.root / "index" / "classes.tsv").read_text(encoding="utf-8")
+        artifacts["classes"].write_text(classes, encoding="utf-8")
+        example = pd.DataFrame({"image": [_example_image(index)]})
+        signature = infer_signature(example, _predict_locally(artifacts, example))
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            logged = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={k: str(v) for k, v in artifacts.items()},
+                code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
+                signature=signature,
+                input_example=example,
+            )
+    version = mlflow.register_model(
+        logged.model_uri,
+        job.model.arch,
+        tags={"val/top1": f"{top1:.6f}", "dataset_hash": index.dataset_hash, "run_id": run_id,
+              "checkpoint": str(best)},
+    )  # fmt: skip
+    return version
+
+
+def _example_image(index: Index) -> bytes:
+    return (index.root / index.files("val")[0]).read_bytes()
+
+
+def _predict_locally(artifacts: dict[str, Path], example: pd.DataFrame) -> pd.DataFrame:
+    """The model's answer on the example, straight from the model code (for the signature)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("resnet_pipe_mlflow_model", MODEL_CODE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.ResNetClassifier()
+    model.load_context(type("Context", (), {"artifacts": {k: str(v) for k, v in artifacts.items()}})())
+    return model.predict(None, example)
+
+
+def resolve(client: MlflowClient, target: str) -> ModelVersion:
+    """`MODEL/VERSION`, or a run (name or id) whose registered version is wanted."""
+    name, _, number = target.partition("/")
+    if number:
+        try:
+            return client.get_model_version(name, number)
+        except MlflowException:
+            raise RegistryError(f"no model version {target} in the registry") from None
+    runs = [target] if _is_run_id(client, target) else _run_ids_named(client, target)
+    for run_id in runs:
+        versions = client.search_model_versions(f"run_id = '{run_id}'")
+        if versions:
+            return max(versions, key=lambda v: int(v.version))
+    raise RegistryError(
+        f"'{target}' is neither MODEL/VERSION nor a run with a registered model version "
+        "(a run registers its best checkpoint when it finishes)"
+    )
+
+
+def promote(target: str, force: bool = False) -> Promotion:
+    """Moves `champion` of the target's model to it when it beats the current champion's
+    val/top1 on the same dataset hash, or whatever the comparison when `force`.
+
+    Raises:
+        RegistryError: unknown target, or refused by the gate (the message says why).
+    """
+    client = MlflowClient(tracking_uri())
+    candidate = resolve(client, target)
+    name, label = candidate.name, f"{candidate.name}/{candidate.version}"
+    current = champion(client, name)
+    if current is not None and current.version == candidate.version:
+        raise RegistryError(f"{label} is already the {CHAMPION}")
+    forced = ""
+    if current is not None:
+        verdict = _gate(candidate, current)
+        if verdict and not force:
+            raise RegistryError(f"{label} not promoted: {verdict} (--force promotes it anyway)")
+        forced = f" (forced past the gate: {verdict})" if verdict else ""
+    client.set_registered_model_alias(name, CHAMPION, candidate.version)
+    history = _history(client, name) + [candidate.version]
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+    previous = current.version if current is not None else None
+    was = f", was version {previous}" if previous else ""
+    message = f"{label} is now {name}@{CHAMPION} (val/top1 {candidate.tags.get('val/top1')}{was}){forced}"
+    return Promotion(name, candidate.version, previous, message)
+
+
+def rollback(name: str) -> Promotion:
+    """Moves `champion` back to the version that held it before the current one."""
+    client = MlflowClient(tracking_uri())
+    history = _history(client, name)
+    if len(history) < 2:
+        raise RegistryError(f"{name} has no previous {CHAMPION} to roll back to")
+    current, previous = history[-1], history[-2]
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
+    message = f"{name}@{CHAMPION} is version {previous} again (was {current})"
+    return Promotion(name, previous, current, message)
+
+
+def champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _gate(candidate: ModelVersion, current: ModelVersion) -> str:
+    """Why `candidate` may not replace `current`; empty when it may."""
+    if candidate.tags.get("dataset_hash") != current.tags.get("dataset_hash"):
+        return (
+            f"it was validated on another dataset (hash {candidate.tags.get('dataset_hash', '?')[:12]}) "
+            f"than the {CHAMPION} ({current.tags.get('dataset_hash', '?')[:12]})"
+        )
+    new, old = float(candidate.tags.get("val/top1", "nan")), float(current.tags.get("val/top1", "nan"))
+    if not new > old:
+        return f"val/top1 {new:.4f} does not beat the {CHAMPION}'s {old:.4f} (version {current.version})"
+    return ""
+
+
+def _history(client: MlflowClient, name: str) -> list[str]:
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        raise RegistryError(f"no registered model '{name}'") from None
+    return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+
+
+def _is_run_id(client: MlflowClient, text: str) -> bool:
+    try:
+        client.get_run(text)
+        return True
+    except MlflowException:
+        return False
+
+
+def _run_ids_named(client: MlflowClient, run_name: str) -> list[str]:
+    """The ids of the runs named `run_name`, newest first, in every experiment."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return [run.info.run_id for run in runs]

@@ -1,0 +1,103 @@
+"""Runs as MLflow holds them, for the terminal: `resnet-pipe runs [JOB]` and `runs compare A B`.
+
+rows = run_table(job_name=None)   # newest first
+differences = compare("lr-0.1", "lr-0.2")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import tracking_uri
+
+RESULTS = ("val/top1", "val/top5", "val/ema_top1", "train/loss", "train/images_per_s", "time_to_target_s")
+
+
+class RunsError(ValueError):
+    """An unknown job or run."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    run_id: str
+    job: str
+    status: str
+    epochs: int
+    best_top1: float | None
+    images_per_s: float | None
+    duration_s: float | None
+
+
+def run_table(job_name: str | None = None) -> list[RunSummary]:
+    """Every run (of `job_name`'s experiment, when given), newest first."""
+    client = MlflowClient(tracking_uri())
+    if job_name is not None:
+        experiment = client.get_experiment_by_name(job_name)
+        if experiment is None:
+            raise RunsError(f"no runs of job '{job_name}' in {tracking_uri()}")
+        experiments = [experiment]
+    else:
+        experiments = client.search_experiments()
+    ids = [e.experiment_id for e in experiments]
+    if not ids:
+        return []
+    runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1000)
+    return [_summary(client, run) for run in runs]
+
+
+def _summary(client: MlflowClient, run: Run) -> RunSummary:
+    top1 = client.get_metric_history(run.info.run_id, "val/top1")
+    info = run.info
+    duration = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+    return RunSummary(
+        name=info.run_name,
+        run_id=info.run_id,
+        job=run.data.tags.get("job", ""),
+        status=info.status,
+        epochs=len({m.step for m in top1}),
+        best_top1=max((m.value for m in top1), default=None),
+        images_per_s=run.data.metrics.get("train/images_per_s"),
+        duration_s=duration,
+    )
+
+
+def find_run(client: MlflowClient, name_or_id: str) -> Run:
+    """A run by id, else the newest run of that name."""
+    try:
+        return client.get_run(name_or_id)
+    except MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(
+        experiments,
+        filter_string=f"attributes.run_name = '{name_or_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        where = tracking_uri()
+        raise RunsError(f"no run named or with id '{name_or_id}' in {where} (see `resnet-pipe runs`)")
+    return found[0]
+
+
+def compare(a: str, b: str) -> tuple[Run, Run, list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """The two runs, the settings that differ (key, a, b) and their results side by side."""
+    client = MlflowClient(tracking_uri())
+    run_a, run_b = find_run(client, a), find_run(client, b)
+    params_a, params_b = run_a.data.params, run_b.data.params
+    settings = [
+        (key, params_a.get(key, "-"), params_b.get(key, "-"))
+        for key in sorted(params_a.keys() | params_b.keys())
+        if params_a.get(key) != params_b.get(key)
+    ]
+    results = []
+    for key in RESULTS:
+        values = [run.data.metrics.get(key) for run in (run_a, run_b)]
+        if any(v is not None for v in values):
+            results.append((key, *(f"{v:.4f}" if v is not None else "-" for v in values)))
+    return run_a, run_b, settings, results

@@ -1,0 +1,128 @@
+"""MLflow as the system of record, against a real `mlflow server` on loopback: two short runs
+leave complete records and registered versions, the `champion` alias moves only to a better
+version (unless forced), a rollback restores the previous one, and the champion loads and
+predicts through MLflow's own pyfunc loader."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import registry
+from pipeline.config import load_job
+from pipeline.dataset import load_index
+from pipeline.launch import submit
+
+pytestmark = pytest.mark.ray
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; yields its URL."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/store.db",
+         "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                logged = (folder / "server.log").read_text()
+                raise RuntimeError(f"mlflow server did not start: {logged}") from None
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server: str) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return tmp_path
+
+
+def _job(root: Path, *overrides: str):
+    return load_job(
+        "quickstart",
+        [f"data.root='{root}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8", "data.crop_px=32",
+         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1", "optim.warmup_epochs=0",
+         *overrides],
+    )  # fmt: skip
+
+
+def test_runs_are_recorded_registered_and_promoted_only_forward(
+    ray_session, prepared_dataset, workdir, mlflow_server
+) -> None:
+    frozen = submit(_job(prepared_dataset, "optim.lr_per_256=0.0"), "frozen")  # learns nothing
+    trained = submit(_job(prepared_dataset, "optim.lr_per_256=2.0"), "trained")
+    assert frozen.finished and trained.finished, (frozen.error, trained.error)
+    client = MlflowClient(mlflow_server)
+
+    # the run record: params, tags, metric histories, artifacts
+    run = client.get_run(trained.mlflow_run_id)
+    dataset_hash = load_index(prepared_dataset).dataset_hash
+    assert run.data.params["optim.lr_per_256"] == "2.0" and run.data.params["dataset_hash"] == dataset_hash
+    assert run.data.tags["versions.torch"] and run.data.tags["hardware.cpus"] == "2"
+    assert run.data.tags["checkpoint"].startswith(str(workdir))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(EPOCHS))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss"))
+    assert steps == list(range(1, 3 * EPOCHS + 1))
+    artifacts = {a.path for d in ("", "weights", "job") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"weights/model.safetensors", "job/quickstart.toml", "job/resolved.json"} <= artifacts
+
+    # two registered versions of resnet50, tagged with their accuracy and dataset
+    versions = {v.tags["run_id"]: v for v in client.search_model_versions("name = 'resnet50'")}
+    weak, strong = versions[frozen.mlflow_run_id], versions[trained.mlflow_run_id]
+    assert weak.tags["dataset_hash"] == strong.tags["dataset_hash"] == dataset_hash
+    assert float(strong.tags["val/top1"]) > float(weak.tags["val/top1"])
+    model_version = client.get_model_version("resnet50", strong.version)
+    assert model_version.run_id == trained.mlflow_run_id
+
+    def champion() -> str:
+        return client.get_model_version_by_alias("resnet50", registry.CHAMPION).version
+
+    # the gate: the first champion, then only a better one; --force passes and says so; rollback
+    registry.promote("frozen")
+    assert champion() == weak.version
+    registry.promote("trained")
+    assert champion() == strong.version
+    with pytest.raises(registry.RegistryError, match="does not beat"):
+        registry.promote(f"resnet50/{weak.version}")
+    assert champion() == strong.version
+    forced = registry.promote(f"resnet50/{weak.version}", force=True)
+    assert "forced past the gate" in forced.message and champion() == weak.version
+    registry.rollback("resnet50")
+    assert champion() == strong.version
+
+    # the champion loads through MLflow and answers for real images
+    loaded = mlflow.pyfunc.load_model("models:/resnet50@champion")
+    index = load_index(prepared_dataset)
+    images = [(prepared_dataset / f).read_bytes() for f in index.files("val")[:3]]
+    answer = loaded.predict(pd.DataFrame({"image": images}))
+    assert list(answer.columns[:4]) == ["class_index", "wnid", "name", "probability"]
+    assert len(answer) == 3 and answer["wnid"].isin(index.classes).all()
+    assert answer["probability"].between(0, 1).all()
