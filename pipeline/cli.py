@@ -309,6 +309,17 @@ def runs_compare(a: str, b: str) -> None:
     _print_table([("METRIC", *header[1:]), *results])
 
 
+@runs.command("sync")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def runs_sync(run_dir: Path) -> None:
+    """Send the metrics a run kept locally while MLflow was unreachable (RUN_DIR/unsent_metrics.jsonl)."""
+    from pipeline.tracking import RUN_ID_FILE, sync_unsent
+
+    if not (run_dir / RUN_ID_FILE).is_file():
+        _fail(f"{run_dir} is not a run folder (no {RUN_ID_FILE}); run folders are under runs/")
+    click.echo(f"sent {sync_unsent(run_dir)} metrics")
+
+
 @main.command()
 @click.argument("target", metavar="RUN | MODEL/VERSION | MODEL")
 @click.option("--force", is_flag=True, help="Promote even when it does not beat the current champion.")

@@ -12,9 +12,12 @@ with artifacts beside it; MLFLOW_TRACKING_URI overrides both.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import subprocess
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,9 +27,14 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import Job, flatten, jobs_dir, to_dict
 
+log = logging.getLogger("resnet_pipe")
 RUN_ID_FILE = "mlflow_run_id"  # in the run's storage folder: a resubmitted run reopens its MLflow run
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+UNSENT_FILE = "unsent_metrics.jsonl"  # in the run's folder: metrics that never reached MLflow
+RETRY_S = 5.0  # while MLflow is unreachable, the logger tries again this often
+REQUEST_TIMEOUT_S = 20
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
 def tracking_uri() -> str:
@@ -108,20 +116,40 @@ def close_run(run_id: str, succeeded: bool) -> None:
 
 
 class RunLogger:
-    """Logs into one existing run; used by rank 0 only."""
+    """Logs into one existing run; used by rank 0 only.
 
-    def __init__(self, uri: str, run_id: str):
+    Metrics go through a queue to a background thread, so a slow or unreachable tracking server
+    never holds up training: while it is down they wait in memory (a warning says so once) and
+    are sent when it answers again. `close` waits a little for the rest, and writes what is
+    still unsent to a file that `resnet-pipe runs sync` sends later.
+    """
+
+    def __init__(self, uri: str, run_id: str, unsent_file: Path | None = None, retry_s: float = RETRY_S):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this thread retries, not each call
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self._unsent_file, self._retry_s = unsent_file, retry_s
         self._logged_up_to: dict[str, int] = {}
+        self._queue: list[Metric] = []
+        self._wake = threading.Condition()
+        self._closing, self._deadline = False, 0.0
+        self._sender = threading.Thread(target=self._send, name="resnet-pipe-tracking", daemon=True)
+        self._sender.start()
 
     def skip_logged(self) -> None:
         """From now on, leaves out what the run already holds at a step: a run restarted from a
         checkpoint goes over steps an earlier attempt logged (after the checkpoint it restarts
         from), and each step of each metric stays in MLflow once."""
-        for key in self.client.get_run(self.run_id).data.metrics:
-            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
-            self._logged_up_to[key] = max(steps, default=-1)
+        try:
+            for key in self.client.get_run(self.run_id).data.metrics:
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+                self._logged_up_to[key] = max(steps, default=-1)
+        except Exception as e:  # noqa: BLE001 - any tracking failure: train on, say so
+            log.warning(
+                f"warning: could not read the run's logged steps from MLflow ({e}); "
+                "steps logged before the restart may appear twice"
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -130,5 +158,70 @@ class RunLogger:
             for key, value in metrics.items()
             if step > self._logged_up_to.get(key, -1)
         ]
-        if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+        with self._wake:
+            self._queue.extend(batch)
+            self._wake.notify()
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Waits up to `timeout_s` for the queue to drain; returns how many metrics are left,
+        written to the unsent file."""
+        with self._wake:
+            self._closing, self._deadline = True, time.monotonic() + timeout_s
+            self._wake.notify()
+        self._sender.join(timeout_s + REQUEST_TIMEOUT_S + 5)  # the thread gives up by the deadline
+        with self._wake:
+            left, self._queue = self._queue, []
+        if left and self._unsent_file is not None:
+            self._unsent_file.parent.mkdir(parents=True, exist_ok=True)
+            with self._unsent_file.open("a") as f:
+                for m in left:
+                    record = {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+                    f.write(json.dumps(record) + "\n")
+            log.warning(
+                f"warning: {len(left)} metrics could not reach MLflow; they are in {self._unsent_file}: "
+                f"`resnet-pipe runs sync {self._unsent_file.parent}` sends them"
+            )
+        return len(left)
+
+    def _send(self) -> None:
+        failing = False
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[:MAX_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as e:  # noqa: BLE001 - any tracking failure: keep the metrics, retry
+                if not failing:
+                    log.warning(
+                        f"warning: MLflow is unreachable ({type(e).__name__}); training goes on and "
+                        "metrics wait in memory until it answers"
+                    )
+                failing = True
+                if self._closing and time.monotonic() >= self._deadline:
+                    return
+                time.sleep(self._retry_s)
+                continue
+            with self._wake:
+                del self._queue[: len(batch)]
+            if failing:
+                log.warning("MLflow answers again: the waiting metrics are being sent")
+                failing = False
+
+
+def sync_unsent(run_dir: Path) -> int:
+    """Sends the metrics a run's rank 0 could not (its UNSENT_FILE) to the run; returns how many.
+    The file is renamed once they are in."""
+    unsent = run_dir / UNSENT_FILE
+    if not unsent.is_file():
+        return 0
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    metrics = [Metric(**json.loads(line)) for line in unsent.read_text().splitlines() if line.strip()]
+    client = MlflowClient(tracking_uri())
+    for first in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[first : first + MAX_BATCH])
+    unsent.rename(unsent.with_suffix(".sent"))
+    return len(metrics)

@@ -30,7 +30,7 @@ from pipeline.loader import Loader, build_loader
 from pipeline.optim import build_optimizer, lr_at
 from pipeline.progress import Progress
 from pipeline.step import Stepper, all_reduce_sum, evaluate, gather_objects, uses_channels_last
-from pipeline.tracking import RunLogger
+from pipeline.tracking import UNSENT_FILE, RunLogger
 
 log = logging.getLogger("resnet_pipe")
 UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accuracy
@@ -109,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     worker = Worker(
         job, submitted, rank, world, device, model, build_optimizer(model, job),
         ema=WeightEMA(model, job.optim.ema_decay, job.optim.ema_every_steps) if job.optim.ema_decay else None,
-        logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
+        logger=_logger(config) if rank == 0 else None,
         sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
         faults={k: config.get(k) for k in ("fail_at_step", "kill_at_step", "run_dir")},
         board=config.get("board") if rank == 0 else None,
@@ -168,6 +168,13 @@ def train_loop_per_worker(config: dict) -> None:
             log.info(f"epoch {epoch}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
             worker.logger.log_metrics(metrics, step=epoch)
         _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch})
+    if rank == 0:
+        worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
+
+
+def _logger(config: dict) -> RunLogger:
+    unsent = Path(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
+    return RunLogger(config["tracking_uri"], config["mlflow_run_id"], unsent)
 
 
 def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:

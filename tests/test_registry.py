@@ -1,13 +1,18 @@
 """MLflow as the system of record, against a real `mlflow server` on loopback: two short runs
 leave complete records and registered versions, the `champion` alias moves only to a better
 version (unless forced), a rollback restores the previous one, and the champion loads and
-predicts through MLflow's own pyfunc loader."""
+predicts through MLflow's own pyfunc loader. A run whose tracking server goes away and comes
+back finishes with every metric in it."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,42 +31,55 @@ pytestmark = pytest.mark.ray
 EPOCHS = 3
 
 
+class Server:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts, stoppable and
+    restartable on the same port and store."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = (self.folder / "server.log").open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/store.db",
+             "--serve-artifacts", "--artifacts-destination", str(self.folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    logged = (self.folder / "server.log").read_text()
+                    raise RuntimeError(f"mlflow server did not start: {logged}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)  # the server and its uvicorn workers
+        self.process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; yields its URL."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/store.db",
-         "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                logged = (folder / "server.log").read_text()
-                raise RuntimeError(f"mlflow server did not start: {logged}") from None
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server: str) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server: Server) -> Path:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     return tmp_path
 
 
@@ -80,7 +98,7 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     frozen = submit(_job(prepared_dataset, "optim.lr_per_256=0.0"), "frozen")  # learns nothing
     trained = submit(_job(prepared_dataset, "optim.lr_per_256=2.0"), "trained")
     assert frozen.finished and trained.finished, (frozen.error, trained.error)
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
 
     # the run record: params, tags, metric histories, artifacts
     run = client.get_run(trained.mlflow_run_id)
@@ -126,3 +144,36 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     assert list(answer.columns[:4]) == ["class_index", "wnid", "name", "probability"]
     assert len(answer) == 3 and answer["wnid"].isin(index.classes).all()
     assert answer["probability"].between(0, 1).all()
+
+
+def test_a_tracking_outage_mid_run_costs_neither_the_run_nor_a_metric(
+    ray_session, prepared_dataset, workdir, mlflow_server
+) -> None:
+    epochs = 8
+    samples = workdir / "runs" / "outage" / "samples" / "rank0.jsonl"
+    outage = {}
+
+    def take_the_server_down_for_a_while() -> None:  # from step 2 (epoch 0) for 15 s
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if samples.is_file() and any(json.loads(line)["step"] >= 2 for line in samples.open()):
+                outage["down_at_step"] = max(json.loads(line)["step"] for line in samples.open())
+                mlflow_server.stop()
+                time.sleep(15)
+                mlflow_server.start()
+                outage["back_at_step"] = max(json.loads(line)["step"] for line in samples.open())
+                return
+            time.sleep(0.05)
+
+    chaos = threading.Thread(target=take_the_server_down_for_a_while)
+    chaos.start()
+    done = submit(_job(prepared_dataset, f"epochs={epochs}", "run.sample_log=true"), "outage")
+    chaos.join()
+    assert done.finished, done.error
+    assert outage["back_at_step"] > outage["down_at_step"]  # training went on while it was down
+
+    client = MlflowClient(mlflow_server.url)
+    assert [m.step for m in client.get_metric_history(done.mlflow_run_id, "val/top1")] == list(range(epochs))
+    steps = sorted(m.step for m in client.get_metric_history(done.mlflow_run_id, "train/step_loss"))
+    assert steps == list(range(1, 3 * epochs + 1))
+    assert not (done.run_dir / "unsent_metrics.jsonl").exists()
