@@ -29,6 +29,13 @@ from pipeline.train import train_loop_per_worker
 # from 7.5 to 9.2 images/s (the same loop on a plain process's main thread: 9.2 to 9.7), for
 # about 20 % more resident memory (docs/benchmarks.md).
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+)
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
 KILL_ENV = "RESNET_PIPE_KILL_AT_STEP"  # test hook: the last rank kills its process there, once
 
@@ -49,10 +56,12 @@ def connect(address: str | None) -> None:
     # "local": a new Ray on this machine, never a cluster that `ray start` left behind (ray.init()
     # without an address would join it, or hang on its stale address). The dashboard stays on:
     # Ray Train's controller watches its workers through it.
+    # rank 0 logs to MLflow with the driver's credentials (a server with basic auth or a token)
+    credentials = {key: os.environ[key] for key in MLFLOW_CREDENTIALS if key in os.environ}
     ray.init(
         address=address or os.environ.get("RAY_ADDRESS") or "local",
         log_to_driver=True,
-        runtime_env={"env_vars": WORKER_ENV},  # merged with a submitted job's own runtime env
+        runtime_env={"env_vars": WORKER_ENV | credentials},  # merged with a submitted job's own
     )
 
 

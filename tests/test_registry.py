@@ -136,6 +136,25 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     registry.rollback("resnet50")
     assert champion() == strong.version
 
+    # the same through the command line: the table, the comparison, a refusal (exit 1)
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = os.environ | {"MLFLOW_TRACKING_URI": mlflow_server.url}
+        command = [sys.executable, "-m", "pipeline.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    table = cli("runs", "quickstart")
+    assert table.returncode == 0
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
+    assert rows["trained"][2:4] == ["FINISHED", str(EPOCHS)] and rows["frozen"][2] == "FINISHED"
+    compared = cli("runs", "compare", "frozen", "trained")
+    assert compared.returncode == 0
+    assert any(line.split() == ["optim.lr_per_256", "0.0", "2.0"] for line in compared.stdout.splitlines())
+    refused = cli("promote", f"resnet50/{weak.version}")
+    assert refused.returncode == 1 and "does not beat" in refused.stderr
+    assert champion() == strong.version
+    unknown = cli("runs", "compare", "frozen", "no-such-run")
+    assert unknown.returncode == 2 and "no run named" in unknown.stderr
+
     # the champion loads through MLflow and answers for real images
     loaded = mlflow.pyfunc.load_model("models:/resnet50@champion")
     index = load_index(prepared_dataset)
