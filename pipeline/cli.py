@@ -266,13 +266,29 @@ def stop_job(submission_id: str, address: str | None) -> None:
     click.echo(f"{submission_id}: {'stopping' if stopped else 'not running'}")
 
 
-@main.group(invoke_without_command=True)
-@click.argument("job_name", metavar="[JOB]", required=False)
-@click.pass_context
-def runs(ctx: click.Context, job_name: str | None) -> None:
-    """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration."""
-    if ctx.invoked_subcommand is not None:
-        return
+@main.command()
+@click.argument("words", nargs=-1, metavar="[JOB] | compare A B | sync RUN_DIR")
+def runs(words: tuple[str, ...]) -> None:
+    """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration.
+
+    `runs compare A B`: what differs between runs A and B (names or ids), settings then results.
+    `runs sync RUN_DIR`: send the metrics a run kept locally while MLflow was unreachable.
+    """
+    if words[:1] == ("compare",):
+        if len(words) != 3:
+            _fail("runs compare takes two runs: resnet-pipe runs compare A B")
+        _runs_compare(words[1], words[2])
+    elif words[:1] == ("sync",):
+        if len(words) != 2:
+            _fail("runs sync takes one run folder: resnet-pipe runs sync runs/NAME")
+        _runs_sync(Path(words[1]))
+    elif len(words) <= 1:
+        _runs_table(words[0] if words else None)
+    else:
+        _fail("runs takes at most one JOB (or: runs compare A B, runs sync RUN_DIR)")
+
+
+def _runs_table(job_name: str | None) -> None:
     from pipeline.runs import RunsError, run_table
 
     try:
@@ -290,29 +306,22 @@ def runs(ctx: click.Context, job_name: str | None) -> None:
     _print_table(rows)
 
 
-@runs.command("compare")
-@click.argument("a")
-@click.argument("b")
-def runs_compare(a: str, b: str) -> None:
-    """What differs between runs A and B (names or ids): settings, then results."""
+def _runs_compare(a: str, b: str) -> None:
     from pipeline.runs import RunsError, compare
 
     try:
         run_a, run_b, settings, results = compare(a, b)
     except RunsError as e:
         _fail(str(e))
-    header = ("", f"A: {run_a.info.run_name}", f"B: {run_b.info.run_name}")
+    header = (f"A: {run_a.info.run_name}", f"B: {run_b.info.run_name}")
     click.echo("settings that differ:" if settings else "settings: identical")
     if settings:
-        _print_table([("SETTING", *header[1:]), *settings])
+        _print_table([("SETTING", *header), *settings])
     click.echo("results:")
-    _print_table([("METRIC", *header[1:]), *results])
+    _print_table([("METRIC", *header), *results])
 
 
-@runs.command("sync")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-def runs_sync(run_dir: Path) -> None:
-    """Send the metrics a run kept locally while MLflow was unreachable (RUN_DIR/unsent_metrics.jsonl)."""
+def _runs_sync(run_dir: Path) -> None:
     from pipeline.tracking import RUN_ID_FILE, sync_unsent
 
     if not (run_dir / RUN_ID_FILE).is_file():

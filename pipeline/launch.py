@@ -149,13 +149,14 @@ def submit(
 
 
 def _register(job: Job, run_id: str, run_dir: Path, index: Index) -> None:
-    """The run's best checkpoint into the model registry; a registry failure is reported, and the
-    trained run stands (`resnet-pipe` can register it later from its checkpoints)."""
+    """The run's plots, and its best checkpoint into the model registry; a failure here is
+    reported, and the trained run stands."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline import registry
+    from pipeline import plots, registry
 
     try:
+        plots.log_plots(run_id)
         version = registry.register(run_id, run_dir, job, index)
     except (MlflowException, OSError) as e:
         print(f"warning: the run finished but its model was not registered: {e}")

@@ -22,7 +22,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline import checkpoint
+from pipeline import checkpoint, system
 from pipeline.config import Job, from_dict
 from pipeline.dataset import load_index
 from pipeline.ema import WeightEMA
@@ -218,8 +218,9 @@ def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict
 
     Every rank calls this the same number of times (report is collective); only rank 0 writes.
     """
-    mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state()}
+    mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state(), "system": system.sample()}
     ranks = gather_objects(mine)
+    usage = system.per_node([r.pop("system") for r in ranks])
     with tempfile.TemporaryDirectory() as tmp:
         saved = None
         if worker.rank == 0:
@@ -230,6 +231,7 @@ def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict
                 clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
             )  # fmt: skip
             saved = ray.train.Checkpoint.from_directory(tmp)
+            worker.logger.log_metrics(usage, step=state.step)
         ray.train.report(metrics, checkpoint=saved)
 
 

@@ -66,6 +66,26 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder for a run: runs/, mlflow.db and mlartifacts/ land here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def small_job(root: Path, epochs: int, *overrides: str):
+    """The quickstart job shrunk for tests: 8 images per worker at 32 px (3 steps per epoch on
+    the 50 training images of `prepared_dataset` with 2 workers), a progress line every step."""
+    from pipeline.config import load_job
+
+    return load_job(
+        "quickstart",
+        [f"data.root='{root}'", f"epochs={epochs}", "scaling.batch_size_per_worker=8", "data.crop_px=32",
+         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1", *overrides],
+    )  # fmt: skip
+
+
 def build_layout(kind: str, source: Path, dest: Path) -> dict[str, str]:
     """Rewrites a folder-layout dataset `source` into layout `kind` at `dest`.
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import small_job
 from mlflow.tracking import MlflowClient
 
 from pipeline import registry
-from pipeline.config import load_job
 from pipeline.dataset import load_index
 from pipeline.launch import submit
 
@@ -84,12 +84,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server: Serv
 
 
 def _job(root: Path, *overrides: str):
-    return load_job(
-        "quickstart",
-        [f"data.root='{root}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8", "data.crop_px=32",
-         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1", "optim.warmup_epochs=0",
-         *overrides],
-    )  # fmt: skip
+    return small_job(root, EPOCHS, "optim.warmup_epochs=0", *overrides)
 
 
 def test_runs_are_recorded_registered_and_promoted_only_forward(
@@ -109,8 +104,13 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == list(range(EPOCHS))
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss"))
     assert steps == list(range(1, 3 * EPOCHS + 1))
-    artifacts = {a.path for d in ("", "weights", "job") for a in client.list_artifacts(run.info.run_id, d)}
+    folders = ("", "weights", "job", "plots")
+    artifacts = {a.path for d in folders for a in client.list_artifacts(run.info.run_id, d)}
     assert {"weights/model.safetensors", "job/quickstart.toml", "job/resolved.json"} <= artifacts
+    assert {"plots/curves.png", "plots/learning_rate.png"} <= artifacts
+    usage = [k for k in run.data.metrics if k.startswith("system/")]
+    assert {k.rsplit("/", 1)[1] for k in usage} >= {"cpu_percent", "memory_percent", "worker_rss_gb"}
+    assert 0 < run.data.metrics[next(k for k in usage if k.endswith("/memory_percent"))] <= 100
 
     # two registered versions of resnet50, tagged with their accuracy and dataset
     versions = {v.tags["run_id"]: v for v in client.search_model_versions("name = 'resnet50'")}

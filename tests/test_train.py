@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import small_job
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from pipeline import checkpoint
-from pipeline.config import load_job
 from pipeline.dataset import load_index
 from pipeline.launch import FAULT_ENV, submit
 from pipeline.tracking import tracking_uri
@@ -23,20 +23,8 @@ pytestmark = pytest.mark.ray
 EPOCHS = 3
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # runs/, mlflow.db and mlartifacts/ land here
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
 def _small_job(root: Path, *overrides: str):
-    # 50 train images, 2 workers x 8 = 3 steps per epoch per worker
-    return load_job(
-        "quickstart",
-        [f"data.root='{root}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8", "data.crop_px=32",
-         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1", *overrides],
-    )  # fmt: skip
+    return small_job(root, EPOCHS, *overrides)
 
 
 def test_fault_then_resume_finishes_one_tracked_run(

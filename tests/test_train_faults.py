@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_job
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint
-from pipeline.config import load_job
 from pipeline.launch import KILL_ENV, submit
 from pipeline.tracking import tracking_uri
 
@@ -39,20 +39,9 @@ def two_nodes():
     cluster.shutdown()
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
-
-
 def _job(root: Path, *overrides: str):
-    return load_job(
-        "quickstart",
-        [f"data.root='{root}'", f"epochs={EPOCHS}", "scaling.batch_size_per_worker=8", "data.crop_px=32",
-         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1", "run.max_failures=2",
-         "run.checkpoint_every_steps=2", "run.sample_log=true", *overrides],
-    )  # fmt: skip
+    faults = ["run.max_failures=2", "run.checkpoint_every_steps=2", "run.sample_log=true"]
+    return small_job(root, EPOCHS, *faults, *overrides)
 
 
 def _histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
