@@ -7,7 +7,7 @@ row per image with the top class (class_index, wnid, name, probability) and "top
 `TOP_K` as JSON. Preprocessing is the job's evaluation transform: shorter side to
 data.val_resize_px, center crop data.val_crop_px, normalize with data.mean and data.std.
 
-`pipeline.registry` logs it with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`.
+`pipeline.tracking.registry` logs it with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`.
 """
 
 from __future__ import annotations

@@ -289,7 +289,7 @@ def runs(words: tuple[str, ...]) -> None:
 
 
 def _runs_table(job_name: str | None) -> None:
-    from pipeline.runs import RunsError, run_table
+    from pipeline.tracking.runs import RunsError, run_table
 
     try:
         summaries = run_table(job_name)
@@ -307,7 +307,7 @@ def _runs_table(job_name: str | None) -> None:
 
 
 def _runs_compare(a: str, b: str) -> None:
-    from pipeline.runs import RunsError, compare
+    from pipeline.tracking.runs import RunsError, compare
 
     try:
         run_a, run_b, settings, results = compare(a, b)
@@ -336,7 +336,7 @@ def _runs_sync(run_dir: Path) -> None:
 def promote(target: str, force: bool, rollback: bool) -> None:
     """Move MODEL's `champion` alias to a run's registered version, only when it beats the
     current champion's val/top1 on the same dataset hash."""
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     try:
         outcome = registry.rollback(target) if rollback else registry.promote(target, force=force)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def check_storage(job: Job) -> str:
     return path
 
 
+AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
+
+
 def submit_remote(address: str, job_name: str, overrides: tuple[str, ...], run_name: str, job: Job) -> str:
     """Submits `resnet-pipe submit` as a Ray job; returns its submission id."""
     storage = check_storage(job)
@@ -69,16 +73,25 @@ def submit_remote(address: str, job_name: str, overrides: tuple[str, ...], run_n
     words = ["python", "-m", "pipeline.cli", "submit", job_name, "--name", run_name]
     for item in overrides:
         words += ["--set", item]
-    return client(address).submit_job(
-        entrypoint=shlex.join(words),
-        submission_id=None,
-        runtime_env={
-            "working_dir": str(PROJECT),
-            "excludes": EXCLUDES,
-            "env_vars": {"MLFLOW_TRACKING_URI": tracking},
-        },
-        metadata={"job": job_name, "run": run_name},
-    )
+    submitter = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return submitter.submit_job(
+                entrypoint=shlex.join(words),
+                submission_id=None,
+                runtime_env={
+                    "working_dir": str(PROJECT),
+                    "excludes": EXCLUDES,
+                    "env_vars": {"MLFLOW_TRACKING_URI": tracking},
+                },
+                metadata={"job": job_name, "run": run_name},
+            )
+        except RuntimeError as e:
+            # a head that has just started answers before its job agent is up: "try again later"
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def follow(address: str | None, submission_id: str) -> Iterator[str]:

@@ -151,14 +151,11 @@ def submit(
 def _register(job: Job, run_id: str, run_dir: Path, index: Index) -> None:
     """The run's plots, and its best checkpoint into the model registry; a failure here is
     reported, and the trained run stands."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline import plots, registry
+    from pipeline.tracking import registry
 
     try:
-        plots.log_plots(run_id)
-        version = registry.register(run_id, run_dir, job, index)
-    except (MlflowException, OSError) as e:
+        version = registry.publish(run_id, run_dir, job, index)
+    except (registry.RegistryError, OSError) as e:
         print(f"warning: the run finished but its model was not registered: {e}")
         return
     if version is not None:

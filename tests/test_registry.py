@@ -23,9 +23,9 @@ import pytest
 from conftest import small_job
 from mlflow.tracking import MlflowClient
 
-from pipeline import registry
 from pipeline.dataset import load_index
 from pipeline.launch import submit
+from pipeline.tracking import registry
 
 pytestmark = pytest.mark.ray
 EPOCHS = 3

@@ -7,14 +7,10 @@
 
 from __future__ import annotations
 
-import matplotlib
+from matplotlib.figure import Figure  # a figure without pyplot: no display, no global state
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")  # files only, no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from pipeline.tracking import tracking_uri  # noqa: E402
+from pipeline.tracking import tracking_uri
 
 
 def _series(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
@@ -28,7 +24,8 @@ def log_plots(run_id: str) -> list[str]:
     logged = []
     epochs, loss = _series(client, run_id, "train/loss")
     if epochs:
-        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        figure = Figure(figsize=(11, 4))
+        left, right = figure.subplots(1, 2)
         left.plot(epochs, loss, marker="o")
         left.set(title="training loss", xlabel="epoch", ylabel="loss")
         for key in ("val/top1", "val/top5", "val/ema_top1"):
@@ -39,15 +36,14 @@ def log_plots(run_id: str) -> list[str]:
         right.legend()
         figure.tight_layout()
         client.log_figure(run_id, figure, "plots/curves.png")
-        plt.close(figure)
         logged.append("plots/curves.png")
     steps, lr = _series(client, run_id, "train/lr")
     if steps:
-        figure, axis = plt.subplots(figsize=(6, 4))
+        figure = Figure(figsize=(6, 4))
+        axis = figure.subplots()
         axis.plot(steps, lr)
         axis.set(title="learning rate", xlabel="step", ylabel="learning rate")
         figure.tight_layout()
         client.log_figure(run_id, figure, "plots/learning_rate.png")
-        plt.close(figure)
         logged.append("plots/learning_rate.png")
     return logged

@@ -1,4 +1,6 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking: this package is the only place that imports mlflow. This module opens and
+closes runs and holds rank 0's logger; `registry` registers and promotes models, `runs` reads
+runs back for the terminal, `plots` draws a finished run's curves.
 
 The driver opens (or reopens) the run, the workers' rank 0 logs metrics and artifacts into it
 by run id, and the driver closes it. The default store is a SQLite file in the working folder
@@ -88,7 +90,7 @@ def _environment() -> dict[str, str]:
             tags[f"versions.{package}"] = version(package)
         except PackageNotFoundError:
             continue
-    project = Path(__file__).resolve().parent.parent
+    project = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

@@ -31,10 +31,11 @@ from pipeline import checkpoint
 from pipeline.config import Job, to_dict
 from pipeline.dataset import Index
 from pipeline.tracking import tracking_uri
+from pipeline.tracking.plots import log_plots
 
 CHAMPION = "champion"
 HISTORY_TAG = "champion_history"
-MODEL_CODE = Path(__file__).resolve().parent.parent / "deploy" / "mlflow_model.py"
+MODEL_CODE = Path(__file__).resolve().parents[2] / "deploy" / "mlflow_model.py"
 
 
 class RegistryError(ValueError):
@@ -47,6 +48,19 @@ class Promotion:
     version: str
     previous: str | None
     message: str
+
+
+def publish(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion | None:
+    """The end of a finished run: its plots, then `register`.
+
+    Raises:
+        RegistryError: MLflow refused or could not be reached (the trained run stands).
+    """
+    try:
+        log_plots(run_id)
+        return register(run_id, run_dir, job, index)
+    except MlflowException as e:
+        raise RegistryError(str(e)) from e
 
 
 def register(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion | None:
@@ -83,7 +97,7 @@ def register(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion
                 name="model",
                 python_model=str(MODEL_CODE),
                 artifacts={k: str(v) for k, v in artifacts.items()},
-                code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
+                code_paths=[str(Path(__file__).resolve().parents[1])],  # the `pipeline` package
                 signature=signature,
                 input_example=example,
             )
