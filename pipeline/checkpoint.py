@@ -39,6 +39,7 @@ def save(
     scaler: torch.amp.GradScaler | None = None,
     ema: nn.Module | None = None,
     clock: dict[str, float | None] | None = None,
+    per_class: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Writes a checkpoint into `folder`.
 
@@ -49,6 +50,8 @@ def save(
             "torch_rng" (torch's CPU RNG state).
         scaler, ema: the fp16 GradScaler and the EMA model, when the run has them.
         clock: "train_s" (seconds trained so far) and "target_reached_s".
+        per_class: "model" (and "ema"): each class's validation samples and top-1 errors
+            (`pipeline.step.Evaluation.per_class`), at an epoch's end.
     """
     meta = {"format": FORMAT, "epoch": epoch, "step": step, "epoch_step": epoch_step, "metrics": metrics}
     state = meta | {
@@ -59,6 +62,7 @@ def save(
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "ema": ema.state_dict() if ema is not None else None,
         "clock": clock or {"train_s": 0.0, "target_reached_s": None},
+        "per_class": per_class,
     }
     torch.save(state, folder / WEIGHTS)
     (folder / META).write_text(json.dumps(meta, indent=1))

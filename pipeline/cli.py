@@ -181,9 +181,13 @@ def submit(
         return
     index = _check_prepared(Path(job.data.root))
     from pipeline.launch import submit as launch_submit  # imports Ray: only after the checks
+    from pipeline.tracking import TrackingError
 
     terminal = sys.stderr if sys.stderr.isatty() else None  # a live bar there; else progress lines
-    outcome = launch_submit(job, run_name or job.name, address, index, progress_to=terminal)
+    try:
+        outcome = launch_submit(job, run_name or job.name, address, index, progress_to=terminal)
+    except TrackingError as e:
+        _fail(str(e))
     click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
     for key in ("val/top1", "val/top5", "train/loss"):
         if key in outcome.metrics:

@@ -56,12 +56,10 @@ def connect(address: str | None) -> None:
     # "local": a new Ray on this machine, never a cluster that `ray start` left behind (ray.init()
     # without an address would join it, or hang on its stale address). The dashboard stays on:
     # Ray Train's controller watches its workers through it.
-    # rank 0 logs to MLflow with the driver's credentials (a server with basic auth or a token)
-    credentials = {key: os.environ[key] for key in MLFLOW_CREDENTIALS if key in os.environ}
     ray.init(
         address=address or os.environ.get("RAY_ADDRESS") or "local",
         log_to_driver=True,
-        runtime_env={"env_vars": WORKER_ENV | credentials},  # merged with a submitted job's own
+        runtime_env={"env_vars": WORKER_ENV},  # merged with a submitted job's own
     )
 
 
@@ -105,6 +103,9 @@ def submit(
             "run_dir": str(run_dir),
             "tracking_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
+            # rank 0 logs with the driver's credentials (a server with basic auth or a token),
+            # whoever started Ray
+            "tracking_env": {key: os.environ[key] for key in MLFLOW_CREDENTIALS if key in os.environ},
             "fail_at_step": int(fault) if fault else None,
             "kill_at_step": int(kill) if kill else None,
             "board": board,

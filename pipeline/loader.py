@@ -36,6 +36,7 @@ from pipeline.dataset import Index
 from pipeline.shards import read_shards
 
 READER = "reader"
+SERVE_INPUT = "encoded"  # serve_pipeline's input: a batch of encoded images, one uint8 array each
 
 
 def _read(
@@ -184,11 +185,25 @@ def val_pipeline(
     threads: int,
     order_seed: int,
 ):
-    """Resize the shorter side, center crop, normalize: deterministic."""
+    """The evaluation transform over this shard's files."""
     encoded, ids = _read(data, files, file_root, shard_id, num_shards, train=False, seed=0)
+    return eval_transform(encoded, data, gpu, threads), ids
+
+
+@pipeline_def
+def serve_pipeline(data: Data, gpu: bool, threads: int):
+    """The evaluation transform over encoded images fed in by the caller (`SERVE_INPUT`): what
+    the Serve deployment (deploy/serve_app.py) runs on each batch of requests."""
+    encoded = fn.external_source(name=SERVE_INPUT, dtype=types.UINT8, ndim=1)
+    return eval_transform(encoded, data, gpu, threads)
+
+
+def eval_transform(encoded, data: Data, gpu: bool, threads: int):
+    """Decode, resize the shorter side to data.val_resize_px, center crop data.val_crop_px,
+    normalize: deterministic. Validation and serving both run this (train/serve parity)."""
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = antialiased_resize(images, gpu, threads, shorter=data.val_resize_px)
-    return _normalize(images, data, crop_px=data.val_crop_px), ids
+    return _normalize(images, data, crop_px=data.val_crop_px)
 
 
 class Loader:

@@ -6,13 +6,16 @@ bf16 autocast and channels_last on CUDA, fp32 and contiguous on the CPU.
 
     step = Stepper(ddp_model, optimizer, job, device, num_classes=1000)
     loss = step([(images, labels)], lr)             # one optimizer step (more batches: accumulation)
-    metrics = evaluate(model, val_batches, device)  # {"val/top1", "val/top5", "val/loss"}
+    scores = evaluate(model, val_batches, device, job, num_classes=1000)
+    scores.metrics    # {"val/top1", "val/top5", "val/loss"}
+    scores.per_class  # samples and top-1 errors of each class
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -103,9 +106,18 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, job: Job) -
     return nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]  # val/top1, val/top5, val/loss
+    per_class: torch.Tensor  # [classes, 2] int64 on the CPU: each class's samples and top-1 errors
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, job: Job) -> dict[str, float]:
-    """Top-1, top-5 and loss over every validation sample of every rank (each counted once).
+def evaluate(
+    model: nn.Module, batches: Iterable, device: torch.device, job: Job, num_classes: int
+) -> Evaluation:
+    """Top-1, top-5 and loss over every validation sample of every rank (each counted once), and
+    per class, its samples and top-1 errors.
 
     Args:
         model: the bare model, not DDP: ranks may run different numbers of batches here.
@@ -114,6 +126,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, job: Job
     model.eval()
     channels_last, dtype = uses_channels_last(job, device), autocast_dtype(job, device)
     totals = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, loss sum, samples
+    per_class = torch.zeros(num_classes, 2, dtype=torch.int64, device=device)
     for images, labels, _ids in batches:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -125,8 +138,11 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, job: Job
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         count = torch.tensor(len(labels), device=device)
         totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), loss, count]).float()
+        per_class[:, 0] += torch.bincount(labels, minlength=num_classes)
+        per_class[:, 1] += torch.bincount(labels[~hits[:, 0]], minlength=num_classes)
     top1, top5, loss, count = all_reduce_sum(totals).tolist()
-    return {"val/top1": top1 / count, "val/top5": top5 / count, "val/loss": loss / count}
+    metrics = {"val/top1": top1 / count, "val/top5": top5 / count, "val/loss": loss / count}
+    return Evaluation(metrics, all_reduce_sum(per_class).cpu())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -83,9 +83,10 @@ class Worker:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point. `config`: job (resolved, as a dict), data_root, run_dir,
-    tracking_uri, mlflow_run_id, and the injected faults of tests (fail_at_step: rank 0 raises;
-    kill_at_step: the last rank kills its own process, once per run; each None when off), and
-    board: the driver's progress board, or None for progress lines."""
+    tracking_uri, mlflow_run_id, tracking_env (MLflow credentials), the injected faults of tests
+    (fail_at_step: rank 0 raises; kill_at_step: the last rank kills its own process, once per
+    run; each None when off), and board: the driver's progress board, or None for progress
+    lines."""
     _setup_logging()
     submitted = from_dict(config["job"])
     context = ray.train.get_context()
@@ -146,10 +147,13 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
         train_loader.end_epoch(len(train_loader) - steps_per_epoch * job.optim.accumulation_steps)
-        metrics |= evaluate(model, val_loader, device, job)
+        scores = evaluate(model, val_loader, device, job, len(index.classes))
+        metrics |= scores.metrics
+        per_class = {"model": scores.per_class}
         if worker.ema is not None:
-            ema = evaluate(worker.ema.model, val_loader, device, job)
-            metrics |= {"val/ema_top1": ema["val/top1"], "val/ema_top5": ema["val/top5"]}
+            ema = evaluate(worker.ema.model, val_loader, device, job, len(index.classes))
+            metrics |= {"val/ema_top1": ema.metrics["val/top1"], "val/ema_top5": ema.metrics["val/top5"]}
+            per_class["ema"] = ema.per_class
         state.train_s += time.perf_counter() - started
         if job.target_top1 and state.target_reached_s is None and metrics["val/top1"] >= job.target_top1:
             state.target_reached_s = state.train_s
@@ -167,12 +171,13 @@ def train_loop_per_worker(config: dict) -> None:
             )
             log.info(f"epoch {epoch}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
             worker.logger.log_metrics(metrics, step=epoch)
-        _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch})
+        _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch}, per_class)
     if rank == 0:
         worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
 
 
 def _logger(config: dict) -> RunLogger:
+    os.environ.update(config.get("tracking_env") or {})  # MLflow reads credentials from there
     unsent = Path(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
     return RunLogger(config["tracking_uri"], config["mlflow_run_id"], unsent)
 
@@ -212,9 +217,16 @@ def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:
     return state, loader_state, loaded["scaler"]
 
 
-def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict[str, float]) -> None:
+def _save_and_report(
+    worker: Worker,
+    state: State,
+    loader: Loader,
+    metrics: dict[str, float],
+    per_class: dict[str, torch.Tensor] | None = None,
+) -> None:
     """A full-state checkpoint (model, optimizer, GradScaler, EMA, every rank's data-pipeline and
-    RNG state, the job), reported through Ray Train.
+    RNG state, the job, and at an epoch's end each class's validation errors), reported through
+    Ray Train.
 
     Every rank calls this the same number of times (report is collective); only rank 0 writes.
     """
@@ -229,6 +241,7 @@ def _save_and_report(worker: Worker, state: State, loader: Loader, metrics: dict
                 epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,
                 scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
                 clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
+                per_class=per_class,
             )  # fmt: skip
             saved = ray.train.Checkpoint.from_directory(tmp)
             worker.logger.log_metrics(usage, step=state.step)

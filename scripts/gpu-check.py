@@ -46,7 +46,7 @@ def measure(arch: str, batch: int, precision: str, compile_model: bool = False) 
         last = step([(images, labels)], lr=0.01)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    metrics = evaluate(model, [(images, labels, None)], device, job)  # autocast eval on the same batch
+    scores = evaluate(model, [(images, labels, None)], device, job, 1000)  # autocast eval, same batch
     return {
         "arch": arch,
         "precision": precision,
@@ -55,7 +55,7 @@ def measure(arch: str, batch: int, precision: str, compile_model: bool = False) 
         "images_per_s": batch * TIMED_STEPS / elapsed,
         "first_loss": first,
         "last_loss": last.item(),
-        "train_top1_on_batch": metrics["val/top1"],
+        "train_top1_on_batch": scores.metrics["val/top1"],
         "first_step_s": compile_s,
         "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }

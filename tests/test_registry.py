@@ -31,12 +31,22 @@ pytestmark = pytest.mark.ray
 EPOCHS = 3
 
 
+USER, PASSWORD = "admin", "a-test-password"
+
+
 class Server:
-    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts, stoppable and
-    restartable on the same port and store."""
+    """`mlflow server` on 127.0.0.1 with MLflow's basic authentication, a SQLite store and a
+    remote artifact store (artifacts go through the server to a folder of its own), stoppable and
+    restartable on the same port and stores."""
 
     def __init__(self, folder: Path):
         self.folder = folder
+        (folder / "auth.ini").write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/auth.db\n"
+            f"admin_username = {USER}\nadmin_password = {PASSWORD}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 600\n"  # else every request pays a PBKDF2 hash
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -46,10 +56,13 @@ class Server:
     def start(self) -> None:
         log = (self.folder / "server.log").open("a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/store.db",
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+             "--backend-store-uri", f"sqlite:///{self.folder}/store.db",
              "--serve-artifacts", "--artifacts-destination", str(self.folder / "artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(self.folder / "auth.ini"),
+                              "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret"},
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while True:
@@ -80,6 +93,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server: Server) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     return tmp_path
 
 
@@ -107,7 +122,14 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     folders = ("", "weights", "job", "plots")
     artifacts = {a.path for d in folders for a in client.list_artifacts(run.info.run_id, d)}
     assert {"weights/model.safetensors", "job/quickstart.toml", "job/resolved.json"} <= artifacts
-    assert {"plots/curves.png", "plots/learning_rate.png"} <= artifacts
+    assert {"plots/curves.png", "plots/learning_rate.png", "plots/class_errors.png"} <= artifacts
+    per_class = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/plots/class_errors.json")
+    # the remote artifact store: uploads went through the server, which wrote them where it keeps them
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert list((mlflow_server.folder / "artifacts").rglob("model.safetensors"))
+    # and the server does check credentials
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"{mlflow_server.url}/api/2.0/mlflow/experiments/search?max_results=1")
     usage = [k for k in run.data.metrics if k.startswith("system/")]
     assert {k.rsplit("/", 1)[1] for k in usage} >= {"cpu_percent", "memory_percent", "worker_rss_gb"}
     assert 0 < run.data.metrics[next(k for k in usage if k.endswith("/memory_percent"))] <= 100
@@ -117,6 +139,10 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     weak, strong = versions[frozen.mlflow_run_id], versions[trained.mlflow_run_id]
     assert weak.tags["dataset_hash"] == strong.tags["dataset_hash"] == dataset_hash
     assert float(strong.tags["val/top1"]) > float(weak.tags["val/top1"])
+    # every class's validation errors, as many as the registered weights' top-1 says
+    samples, errors = sum(r["samples"] for r in per_class), sum(r["errors"] for r in per_class)
+    assert samples == len(load_index(prepared_dataset).files("val"))
+    assert float(strong.tags["val/top1"]) == pytest.approx(1 - errors / samples, abs=1e-6)
     model_version = client.get_model_version("resnet50", strong.version)
     assert model_version.run_id == trained.mlflow_run_id
 
@@ -154,6 +180,11 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     assert champion() == strong.version
     unknown = cli("runs", "compare", "frozen", "no-such-run")
     assert unknown.returncode == 2 and "no run named" in unknown.stderr
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = "not-the-password"  # monkeypatch restores it
+    refused = cli("submit", "quickstart", "--set", f"data.root='{prepared_dataset}'", "--name", "denied")
+    assert refused.returncode != 0 and "MLFLOW_TRACKING_PASSWORD" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (workdir / "runs" / "denied").exists()
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = PASSWORD
 
     # the champion loads through MLflow and answers for real images
     loaded = mlflow.pyfunc.load_model("models:/resnet50@champion")

@@ -30,10 +30,13 @@ def test_evaluate_counts_top1_top5_and_loss_by_hand() -> None:
     ])  # fmt: skip
     labels = torch.tensor([0, 3, 5])
     batches = [(torch.tensor([0, 1]), labels[:2], None), (torch.tensor([2]), labels[2:], None)]
-    metrics = evaluate(FixedLogits(logits), batches, torch.device("cpu"), job)
+    scores = evaluate(FixedLogits(logits), batches, torch.device("cpu"), job, num_classes=6)
+    metrics = scores.metrics
     assert metrics["val/top1"] == pytest.approx(1 / 3)
     assert metrics["val/top5"] == pytest.approx(2 / 3)
     assert metrics["val/loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item())
+    # per class: samples and top-1 errors (class 0 right; classes 3 and 5 wrong; the rest unseen)
+    assert scores.per_class.tolist() == [[1, 0], [0, 0], [0, 0], [1, 1], [0, 0], [1, 1]]
 
 
 def test_precision_and_memory_format_follow_the_device() -> None:

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Job, flatten, jobs_dir, to_dict
@@ -54,8 +55,28 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+class TrackingError(RuntimeError):
+    """The tracking store refused or could not be reached when a run was opened."""
+
+
 def open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
-    """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it."""
+    """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it.
+
+    Raises:
+        TrackingError: MLflow refused (credentials) or could not be reached; nothing started.
+    """
+    try:
+        return _open_run(job, run_name, run_dir, dataset_hash)
+    except MlflowException as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(
+            f"cannot open the MLflow run at {tracking_uri()}: {first_line}\n"
+            "Check MLFLOW_TRACKING_URI; a server with authentication also needs "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)."
+        ) from e
+
+
+def _open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
     client = MlflowClient(tracking_uri())
     id_file = run_dir / RUN_ID_FILE
     if id_file.is_file():

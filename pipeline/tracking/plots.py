@@ -1,12 +1,16 @@
-"""Plots of a finished run, drawn from what MLflow holds and logged to it as images:
-`plots/curves.png` (training loss, validation top-1 and top-5 per epoch) and
-`plots/learning_rate.png` (the schedule as the run took it, per step).
+"""Plots of a finished run, logged to it as images: `plots/curves.png` (training loss,
+validation top-1 and top-5 per epoch) and `plots/learning_rate.png` (the schedule as the run
+took it, per step), drawn from what MLflow holds; `plots/class_errors.png` (the classes the
+registered weights miss most, with every class's counts in `plots/class_errors.json`), drawn
+from the best checkpoint.
 
-    log_plots(run_id)   # the driver, at the end of a run
+    log_plots(run_id)                                      # the driver, at the end of a run
+    log_class_errors(run_id, per_class, wnids, names)      # with the registered weights' counts
 """
 
 from __future__ import annotations
 
+import torch
 from matplotlib.figure import Figure  # a figure without pyplot: no display, no global state
 from mlflow.tracking import MlflowClient
 
@@ -47,3 +51,32 @@ def log_plots(run_id: str) -> list[str]:
         client.log_figure(run_id, figure, "plots/learning_rate.png")
         logged.append("plots/learning_rate.png")
     return logged
+
+
+def log_class_errors(
+    run_id: str, per_class: torch.Tensor, wnids: list[str], names: list[str], most: int = 20
+) -> list[dict]:
+    """Logs the `most` classes with the highest top-1 error rate on validation as a bar chart,
+    and every class's counts as JSON; returns the charted rows, worst first.
+
+    Args:
+        per_class: [classes, 2]: each class's validation samples and top-1 errors.
+    """
+    rows = [
+        {"class_index": i, "wnid": wnids[i], "name": names[i], "samples": samples, "errors": errors,
+         "error_rate": errors / samples}
+        for i, (samples, errors) in enumerate(per_class.tolist())
+        if samples
+    ]  # fmt: skip
+    client = MlflowClient(tracking_uri())
+    client.log_dict(run_id, rows, "plots/class_errors.json")
+    worst = sorted(rows, key=lambda r: (-r["error_rate"], -r["samples"], r["class_index"]))[:most]
+    figure = Figure(figsize=(8, 0.3 * len(worst) + 1.2))
+    axis = figure.subplots()
+    labels = [f"{r['name'][:28]} ({r['wnid']})" for r in worst]
+    axis.barh(labels[::-1], [r["error_rate"] for r in worst][::-1])
+    title = f"classes with the most top-1 errors (of {len(rows)})"
+    axis.set(title=title, xlabel="top-1 error rate", xlim=(0, 1))
+    figure.tight_layout()
+    client.log_figure(run_id, figure, "plots/class_errors.png")
+    return worst

@@ -31,7 +31,7 @@ from pipeline import checkpoint
 from pipeline.config import Job, to_dict
 from pipeline.dataset import Index
 from pipeline.tracking import tracking_uri
-from pipeline.tracking.plots import log_plots
+from pipeline.tracking.plots import log_class_errors, log_plots
 
 CHAMPION = "champion"
 HISTORY_TAG = "champion_history"
@@ -72,10 +72,13 @@ def register(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion
     if best is None:
         return None
     state = checkpoint.load(best)
-    top1 = state["metrics"]["val/top1"]
-    weights = state["model"]
+    top1, chosen = state["metrics"]["val/top1"], "model"
     if state.get("ema") is not None and state["metrics"].get("val/ema_top1", -1.0) > top1:
-        weights, top1 = state["ema"], state["metrics"]["val/ema_top1"]  # the EMA model scored better
+        top1, chosen = state["metrics"]["val/ema_top1"], "ema"  # the EMA model scored better
+    weights = state[chosen]
+    per_class = state.get("per_class") or {}  # absent from mid-epoch checkpoints
+    if chosen in per_class:
+        log_class_errors(run_id, per_class[chosen], index.classes, index.names)
     mlflow.set_tracking_uri(tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {
@@ -184,6 +187,46 @@ def rollback(name: str) -> Promotion:
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
     message = f"{name}@{CHAMPION} is version {previous} again (was {current})"
     return Promotion(name, previous, current, message)
+
+
+def serving_version(target: str | None) -> tuple[ModelVersion, str | None]:
+    """The model version to serve, and the alias it follows (None: a fixed version).
+
+    `target`: MODEL@ALIAS, MODEL (its champion), MODEL/VERSION, or a run (name or id); None: the
+    champion of the most recently updated model that has one.
+
+    Raises:
+        RegistryError: nothing to serve (says what to do).
+    """
+    client = MlflowClient(tracking_uri())
+    if target is None:
+        models = sorted(client.search_registered_models(), key=lambda m: -(m.last_updated_timestamp or 0))
+        name = next((m.name for m in models if CHAMPION in (m.aliases or {})), None)
+        if name is None:
+            raise RegistryError(
+                f"no registered model has a {CHAMPION}: train a job (it registers its model), "
+                "then `resnet-pipe promote RUN`, or name a version: MODEL/VERSION"
+            )
+        target = f"{name}@{CHAMPION}"
+    name, at, alias = target.partition("@")
+    if not at and "/" not in target and _is_model(client, target):
+        alias = CHAMPION
+    if alias:
+        try:
+            return client.get_model_version_by_alias(name, alias), alias
+        except MlflowException:
+            raise RegistryError(
+                f"model '{name}' has no alias '{alias}' (resnet-pipe promote sets {CHAMPION})"
+            ) from None
+    return resolve(client, target), None
+
+
+def _is_model(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
 
 
 def champion(client: MlflowClient, name: str) -> ModelVersion | None:
