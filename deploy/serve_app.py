@@ -15,8 +15,6 @@ before it joins a batch, so a bad request gets a 4xx JSON error and never fails 
 Preprocessing is `pipeline.loader.serve_pipeline`: the same DALI graph as validation.
 """
 
-from __future__ import annotations
-
 import asyncio
 import hmac
 import io
@@ -33,6 +31,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("ray.serve")
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
@@ -112,7 +111,7 @@ class Loaded:
     device: torch.device
 
     @classmethod
-    def from_registry(cls, name: str, version: str, device: torch.device) -> Loaded:
+    def from_registry(cls, name: str, version: str, device: torch.device) -> "Loaded":
         import json
 
         import mlflow
@@ -174,7 +173,7 @@ class Classifier:
         self.threads = max(1, int(self.settings.cpus_per_replica))
         torch.set_num_threads(self.threads)
         version, self.alias = _serving_version(self.settings.model)
-        self.current = self._load(version.name, version.version)
+        self.current = self._load(version.name, str(version.version))
         self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time
         self.classify.set_max_batch_size(self.settings.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
@@ -197,7 +196,7 @@ class Classifier:
         while True:
             time.sleep(self.settings.reload_check_s)
             try:
-                version = client.get_model_version_by_alias(loaded.name, self.alias).version
+                version = str(client.get_model_version_by_alias(loaded.name, self.alias).version)
                 if version != self.current[0].version:
                     self.current = self._load(loaded.name, version)  # one assignment: atomic
             except Exception as e:  # the registry is away or the version broken: keep serving
@@ -288,6 +287,11 @@ BATCH_BODY = {
 @api.exception_handler(HTTPException)
 async def _json_error(request: Request, e: HTTPException) -> JSONResponse:
     return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=e.headers)
+
+
+@api.exception_handler(StarletteHTTPException)  # unknown paths and methods: JSON as well
+async def _json_route_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": e.detail}, status_code=e.status_code)
 
 
 @serve.deployment
@@ -389,8 +393,9 @@ def app(settings: dict | None = None):
         }
     classifier = Classifier.options(
         **scale,
-        max_ongoing_requests=settings["max_ongoing_requests"],
-        max_queued_requests=settings["max_queued_requests"],
+        # the front bounds the requests; here, enough in flight to fill batches, the rest queued
+        max_ongoing_requests=max(settings["max_ongoing_requests"], 2 * settings["max_batch_size"]),
+        max_queued_requests=-1,
         ray_actor_options={
             "num_cpus": settings["cpus_per_replica"],
             "num_gpus": settings["gpus_per_replica"],

@@ -159,7 +159,7 @@ def promote(target: str, force: bool = False) -> Promotion:
     candidate = resolve(client, target)
     name, label = candidate.name, f"{candidate.name}/{candidate.version}"
     current = champion(client, name)
-    if current is not None and current.version == candidate.version:
+    if current is not None and str(current.version) == str(candidate.version):
         raise RegistryError(f"{label} is already the {CHAMPION}")
     forced = ""
     if current is not None:
@@ -168,7 +168,7 @@ def promote(target: str, force: bool = False) -> Promotion:
             raise RegistryError(f"{label} not promoted: {verdict} (--force promotes it anyway)")
         forced = f" (forced past the gate: {verdict})" if verdict else ""
     client.set_registered_model_alias(name, CHAMPION, candidate.version)
-    history = _history(client, name) + [candidate.version]
+    history = _history(client, name) + [str(candidate.version)]
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
     previous = current.version if current is not None else None
     was = f", was version {previous}" if previous else ""

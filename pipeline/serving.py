@@ -1,0 +1,80 @@
+"""Starting the Serve application (deploy/serve_app.py) and talking to it over HTTP.
+
+url = start(Settings(model="resnet50@champion"), host="127.0.0.1", port=8000)
+answer = predict_file(url, Path("cat.jpg"))     # {"model", "version", "predictions": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from deploy.serve_app import TOKEN_ENV, Settings, app  # noqa: F401 (Settings: for callers)
+
+APP_NAME = "resnet-pipe"
+
+
+class ServeError(RuntimeError):
+    """The server answered with an error (its JSON message), or could not be reached."""
+
+
+def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> str:
+    """Deploys the app on Ray Serve (a local Ray unless `address`), answering on host:port;
+    returns its URL once every replica has loaded the model."""
+    from ray import serve
+
+    from pipeline import tracking
+    from pipeline.launch import MLFLOW_CREDENTIALS, connect
+
+    connect(address)
+    credentials = {key: os.environ[key] for key in MLFLOW_CREDENTIALS if key in os.environ}
+    settings = replace(
+        settings, tracking_uri=settings.tracking_uri or tracking.tracking_uri(), tracking_env=credentials
+    )
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app(asdict(settings)), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    from ray import serve
+
+    serve.delete(APP_NAME)
+
+
+def post(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> tuple[int, dict]:
+    """POSTs `body`; returns the status and the JSON answer (errors included)."""
+    headers = {"Content-Type": content_type}
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"error": text.decode(errors="replace") or e.reason}
+    except OSError as e:
+        raise ServeError(f"no answer from {url}: {e} (is `resnet-pipe deploy` running?)") from None
+
+
+def predict_file(url: str, path: Path) -> dict:
+    """One image file's answer from the server at `url`.
+
+    Raises:
+        ServeError: the server refused it (with its message) or is not there.
+    """
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    status, answer = post(f"{url.rstrip('/')}/predict", path.read_bytes(), content_type)
+    if status != 200:
+        raise ServeError(f"{status}: {answer.get('error', answer)}")
+    return answer

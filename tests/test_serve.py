@@ -1,0 +1,195 @@
+"""Serving with Ray Serve over real HTTP: a model trained by a short job answers real JPEGs with
+the same top-1 class and probability as offline evaluation of the same files (train/serve
+parity); every bad input gets its 4xx JSON error while the replica stays healthy; overload gets
+a quick 503; a promotion during a stream of requests switches versions without failing one."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import small_job
+from PIL import Image
+from safetensors.torch import load_file
+
+from deploy.serve_app import TOKEN_ENV, Settings
+from pipeline import serving
+from pipeline.dataset import load_index
+from pipeline.launch import submit
+from pipeline.loader import build_loader
+from pipeline.tracking import registry
+
+pytestmark = pytest.mark.ray
+TOKEN = "a-test-token"
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, prepared_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A short job's model, promoted and deployed (bearer token on); yields (url, job, run)."""
+    from ray import serve
+
+    folder = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv(TOKEN_ENV, TOKEN)
+        job = small_job(prepared_dataset, 2, "optim.warmup_epochs=0", "optim.lr_per_256=2.0")
+        run = submit(job, "served")
+        assert run.finished, run.error
+        registry.promote("served")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        settings = Settings(
+            model="resnet50@champion", cpus_per_replica=1, max_batch_size=4, batch_wait_ms=10,
+            max_ongoing_requests=4, max_queued_requests=4, max_body_bytes=2 * 2**20, max_pixels=4_000_000,
+            reload_check_s=0.5,
+        )  # fmt: skip
+        url = serving.start(settings, port=port)
+        yield url, job, run
+        serve.shutdown()
+
+
+def _post(url: str, body: bytes, content_type: str = "image/jpeg") -> tuple[int, dict]:
+    return serving.post(url, body, content_type)  # with the bearer token from TOKEN_ENV
+
+
+def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "resnet-pipe-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + body
+        + b"\r\n"
+        for name, body in files
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _healthy(url: str) -> dict:
+    request = urllib.request.Request(f"{url}/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200
+        return json.loads(answer.read())
+
+
+def test_served_answers_match_offline_evaluation(served, prepared_dataset: Path) -> None:
+    url, job, _ = served
+    index = load_index(prepared_dataset)
+
+    # offline: the registered weights over the validation loader, per file
+    folder = Path(mlflow.artifacts.download_artifacts("models:/resnet50@champion")) / "artifacts"
+    model = timm.create_model(job.model.arch, num_classes=len(index.classes))
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.eval()
+    offline = {}
+    with torch.inference_mode():
+        for images, _, ids in build_loader(job, index, "val"):
+            for sample, row in zip(ids.tolist(), model(images).softmax(dim=1)):
+                offline[index.files("val")[sample]] = (int(row.argmax()), float(row.max()))
+
+    files = index.files("val")
+    for name in files:
+        status, answer = _post(f"{url}/predict", (prepared_dataset / name).read_bytes())
+        assert status == 200, answer
+        best = answer["predictions"][0]
+        assert best["class_index"] == offline[name][0]
+        assert (answer["model"], answer["version"]) == ("resnet50", "1")
+        assert best["probability"] == pytest.approx(offline[name][1], abs=1e-4)
+        assert best["wnid"] == index.classes[best["class_index"]]
+
+    body, kind = _multipart([(name, (prepared_dataset / name).read_bytes()) for name in files[:6]])
+    status, answer = _post(f"{url}/predict/batch", body, kind)
+    assert status == 200, answer
+    batched = [r["predictions"][0]["class_index"] for r in answer["results"]]
+    assert batched == [offline[name][0] for name in files[:6]]
+
+    described = json.loads(urllib.request.urlopen(f"{url}/openapi.json", timeout=30).read())
+    assert {"/predict", "/predict/batch", "/health"} <= set(described["paths"])
+
+
+def test_bad_requests_get_4xx_and_the_replica_stays_healthy(served, prepared_dataset: Path) -> None:
+    url, _, _ = served
+    good = (prepared_dataset / load_index(prepared_dataset).files("val")[0]).read_bytes()
+    huge = io.BytesIO()
+    Image.new("L", (2500, 2000)).save(huge, format="PNG")  # 5 M pixels in a few kB
+    gif = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(gif, format="GIF")
+    empty_form, form_kind = _multipart([])
+    cases = {
+        "not an image": (b"this is not an image" * 20, "image/jpeg", 415),
+        "truncated": (good[: len(good) // 2], "image/jpeg", 400),
+        "empty": (b"", "image/jpeg", 400),
+        "wrong content type": (good, "text/plain", 415),
+        "too many bytes": (np.random.default_rng(0).bytes(3 * 2**20), "image/jpeg", 413),
+        "too many pixels": (huge.getvalue(), "image/png", 413),
+        "unaccepted format": (gif.getvalue(), "image/gif", 415),
+        "form without a file": (empty_form, form_kind, 400),
+    }
+    for case, (body, kind, expected) in cases.items():
+        status, answer = _post(f"{url}/predict", body, kind)
+        assert status == expected and answer["error"], (case, status, answer)
+
+    body, kind = _multipart([("good.jpg", good), ("bad.jpg", good[:100])])  # one bad image in a batch
+    status, answer = _post(f"{url}/predict/batch", body, kind)
+    assert status == 200 and answer["results"][0]["predictions"] and answer["results"][1]["status"] == 400
+
+    no_token = urllib.request.Request(f"{url}/predict", data=good, headers={"Content-Type": "image/jpeg"})
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(no_token, timeout=30)
+
+    # beyond the ongoing and queued requests the front takes (4 + 4): quick 503s, the rest answered
+    def one(_) -> tuple[int, float]:
+        start = time.monotonic()
+        status, _ = _post(f"{url}/predict", good)
+        return status, time.monotonic() - start
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(one, range(32)))
+    statuses = [status for status, _ in answers]
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 8, statuses
+    assert max(seconds for status, seconds in answers if status == 503) < 5.0
+
+    assert _healthy(url)["status"] == "ok"
+    status, answer = _post(f"{url}/predict", good)
+    assert status == 200 and answer["version"] == "1"
+
+
+def test_a_promotion_mid_stream_switches_versions_without_failing_a_request(served, prepared_dataset) -> None:
+    url, job, run = served
+    image = (prepared_dataset / load_index(prepared_dataset).files("val")[0]).read_bytes()
+    answers, stop = [], threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            answers.append(_post(f"{url}/predict", image))
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        time.sleep(2)
+        second = registry.register(run.mlflow_run_id, run.run_dir, job, load_index(prepared_dataset))
+        registry.promote(f"resnet50/{second.version}", force=True)  # the same weights: forced
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(a[1].get("version") == "2" for a in answers[-3:]):
+            time.sleep(0.2)
+        time.sleep(1)
+    finally:
+        stop.set()
+        streaming.join()
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    versions = [answer["version"] for _, answer in answers]
+    switch = versions.index("2")
+    assert switch > 0 and set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}
+    assert _healthy(url)["version"] == "2"
