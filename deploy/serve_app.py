@@ -158,77 +158,6 @@ class Preprocess:
         return torch.from_numpy(np.array(images.as_cpu().as_tensor())).to(self.device)
 
 
-@serve.deployment
-class Classifier:
-    """Answers batches of images with the version its alias points at (checked every
-    `reload_check_s`); a new version loads beside the old one and takes over between batches."""
-
-    def __init__(self, settings: dict):
-        self.settings = Settings(**settings)
-        os.environ.update(self.settings.tracking_env)
-        if self.settings.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = self.settings.tracking_uri
-        gpu = torch.cuda.is_available() and self.settings.gpus_per_replica > 0
-        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-        self.threads = max(1, int(self.settings.cpus_per_replica))
-        torch.set_num_threads(self.threads)
-        version, self.alias = _serving_version(self.settings.model)
-        self.current = self._load(version.name, str(version.version))
-        self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time
-        self.classify.set_max_batch_size(self.settings.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
-        if self.alias:
-            threading.Thread(target=self._follow_alias, daemon=True, name="resnet-pipe-reload").start()
-
-    def _load(self, name: str, version: str) -> tuple[Loaded, Preprocess]:
-        loaded = Loaded.from_registry(name, version, self.device)
-        preprocess = Preprocess(loaded.job, self.settings.max_batch_size, self.device, self.threads)
-        with torch.inference_mode():  # first call pays for allocation, not a request
-            preprocess([_warmup_image()])
-        log.info(f"serving {name} version {version}")
-        return loaded, preprocess
-
-    def _follow_alias(self) -> None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
-        loaded, _ = self.current
-        while True:
-            time.sleep(self.settings.reload_check_s)
-            try:
-                version = str(client.get_model_version_by_alias(loaded.name, self.alias).version)
-                if version != self.current[0].version:
-                    self.current = self._load(loaded.name, version)  # one assignment: atomic
-            except Exception as e:  # the registry is away or the version broken: keep serving
-                log.warning(f"alias {loaded.name}@{self.alias} not reloaded: {e}")
-
-    def health(self) -> dict:
-        loaded, _ = self.current
-        return {"status": "ok", "model": loaded.name, "version": loaded.version, "alias": self.alias}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def classify(self, images: list[bytes]) -> list[dict | BadImage]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._classify, images)
-
-    def _classify(self, images: list[bytes]) -> list[dict | BadImage]:
-        loaded, preprocess = self.current  # the whole batch answers with one version
-        with self._lock, torch.inference_mode():
-            try:
-                batch = preprocess(images)
-            except Exception:  # DALI failed on one of them: find it, answer the others
-                return [self._one(loaded, preprocess, image) for image in images]
-            probabilities = loaded.model(batch).float().softmax(dim=1).cpu()
-        return [_answer(loaded, row, self.settings.top_k) for row in probabilities]
-
-    def _one(self, loaded: Loaded, preprocess: Preprocess, image: bytes) -> dict | BadImage:
-        try:
-            batch = preprocess([image])
-        except Exception as e:
-            return BadImage(400, f"the image could not be decoded: {str(e).splitlines()[0]}")
-        probabilities = loaded.model(batch).float().softmax(dim=1).cpu()
-        return _answer(loaded, probabilities[0], self.settings.top_k)
-
-
 def _answer(loaded: Loaded, probabilities: torch.Tensor, top_k: int) -> dict:
     top = probabilities.topk(min(top_k, len(probabilities)))
     predictions = [
@@ -250,7 +179,7 @@ def _serving_version(target: str | None):
     return registry.serving_version(target)
 
 
-# the HTTP front: FastAPI for routing and the OpenAPI description; the work happens in Classifier
+# HTTP: FastAPI for routing, JSON errors and the OpenAPI description
 api = FastAPI(
     title="resnet-pipe",
     description="Image classification with a ResNet from the resnet-pipe model registry.",
@@ -294,19 +223,80 @@ async def _json_route_error(request: Request, e: StarletteHTTPException) -> JSON
     return JSONResponse({"error": e.detail}, status_code=e.status_code)
 
 
+# (everything Classifier uses is defined above it: Serve may pickle the class by value when it
+# is decorated, before the rest of this module exists)
 @serve.deployment
 @serve.ingress(api)
-class Frontend:
-    """Checks requests (token, content type, each image) and hands the images to Classifier."""
+class Classifier:
+    """Answers batches of images with the version its alias points at (checked every
+    `reload_check_s`); a new version loads beside the old one and takes over between batches."""
 
-    def __init__(self, classifier, settings: dict):
-        self.classifier = classifier
+    def __init__(self, settings: dict):
         self.settings = Settings(**settings)
+        os.environ.update(self.settings.tracking_env)
+        if self.settings.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = self.settings.tracking_uri
+        gpu = torch.cuda.is_available() and self.settings.gpus_per_replica > 0
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        self.threads = max(1, int(self.settings.cpus_per_replica))
+        torch.set_num_threads(self.threads)
+        version, self.alias = _serving_version(self.settings.model)
+        self.current = self._load(version.name, str(version.version))
+        self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time
         self.token = os.environ.get(TOKEN_ENV) or None
+        self.classify.set_max_batch_size(self.settings.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
+        if self.alias:
+            threading.Thread(target=self._follow_alias, daemon=True, name="resnet-pipe-reload").start()
+
+    def _load(self, name: str, version: str) -> tuple[Loaded, Preprocess]:
+        loaded = Loaded.from_registry(name, version, self.device)
+        preprocess = Preprocess(loaded.job, self.settings.max_batch_size, self.device, self.threads)
+        with torch.inference_mode():  # the first calls pay for allocation, not a request
+            loaded.model(preprocess([_warmup_image()] * self.settings.max_batch_size))
+        log.info(f"serving {name} version {version}")
+        return loaded, preprocess
+
+    def _follow_alias(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        loaded, _ = self.current
+        while True:
+            time.sleep(self.settings.reload_check_s)
+            try:
+                version = str(client.get_model_version_by_alias(loaded.name, self.alias).version)
+                if version != self.current[0].version:
+                    self.current = self._load(loaded.name, version)  # one assignment: atomic
+            except Exception as e:  # the registry is away or the version broken: keep serving
+                log.warning(f"alias {loaded.name}@{self.alias} not reloaded: {e}")
 
     @api.get("/health")
     async def health(self) -> dict:
-        return await self.classifier.health.remote()
+        loaded, _ = self.current
+        return {"status": "ok", "model": loaded.name, "version": loaded.version, "alias": self.alias}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def classify(self, images: list[bytes]) -> list[dict | BadImage]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._classify, images)
+
+    def _classify(self, images: list[bytes]) -> list[dict | BadImage]:
+        loaded, preprocess = self.current  # the whole batch answers with one version
+        with self._lock, torch.inference_mode():
+            try:
+                batch = preprocess(images)
+            except Exception:  # DALI failed on one of them: find it, answer the others
+                return [self._one(loaded, preprocess, image) for image in images]
+            probabilities = loaded.model(batch).float().softmax(dim=1).cpu()
+        return [_answer(loaded, row, self.settings.top_k) for row in probabilities]
+
+    def _one(self, loaded: Loaded, preprocess: Preprocess, image: bytes) -> dict | BadImage:
+        try:
+            batch = preprocess([image])
+        except Exception as e:
+            return BadImage(400, f"the image could not be decoded: {str(e).splitlines()[0]}")
+        probabilities = loaded.model(batch).float().softmax(dim=1).cpu()
+        return _answer(loaded, probabilities[0], self.settings.top_k)
 
     @api.post("/predict", openapi_extra=IMAGE_BODY)
     async def predict(self, request: Request) -> dict:
@@ -314,7 +304,7 @@ class Frontend:
         images = await self._images(request)
         if len(images) != 1:
             raise HTTPException(400, f"/predict takes one image, got {len(images)}: use /predict/batch")
-        return await self._classify(images[0][1])
+        return await self._answer_one(images[0][1])
 
     @api.post("/predict/batch", openapi_extra=BATCH_BODY)
     async def predict_batch(self, request: Request) -> dict:
@@ -325,7 +315,9 @@ class Frontend:
                 415, "/predict/batch takes a multipart/form-data body with one file per image"
             )
         images = await self._images(request)
-        answers = await asyncio.gather(*(self._classify(body) for _, body in images), return_exceptions=True)
+        answers = await asyncio.gather(
+            *(self._answer_one(body) for _, body in images), return_exceptions=True
+        )
         results = []
         for (filename, _), answer in zip(images, answers):
             if isinstance(answer, HTTPException):
@@ -336,12 +328,12 @@ class Frontend:
                 results.append({"file": filename} | answer)
         return {"results": results}
 
-    async def _classify(self, body: bytes) -> dict:
+    async def _answer_one(self, body: bytes) -> dict:
         try:
             check_image(body, self.settings)
         except BadImage as e:
             raise HTTPException(e.status, str(e)) from None
-        answer = await self.classifier.classify.remote(body)
+        answer = await self.classify(body)
         if isinstance(answer, BadImage):
             raise HTTPException(answer.status, str(answer))
         return answer
@@ -379,8 +371,8 @@ class Frontend:
 
 
 def app(settings: dict | None = None):
-    """The application: `Frontend` in front of `Classifier`, configured by `Settings` (as a
-    dict, the way `serve run` config files pass arguments)."""
+    """The application, configured by `Settings` (as a dict, the way `serve run` config files
+    pass arguments)."""
     settings = asdict(Settings(**(settings or {})))
     scale = {"num_replicas": settings["replicas"]}
     if settings["replicas"] == "auto":
@@ -391,21 +383,14 @@ def app(settings: dict | None = None):
                 "target_ongoing_requests": settings["max_batch_size"],
             }
         }
-    classifier = Classifier.options(
+    token = os.environ.get(TOKEN_ENV)  # into the replicas' environment, never into the config
+    return Classifier.options(
         **scale,
-        # the front bounds the requests; here, enough in flight to fill batches, the rest queued
-        max_ongoing_requests=max(settings["max_ongoing_requests"], 2 * settings["max_batch_size"]),
-        max_queued_requests=-1,
+        max_ongoing_requests=settings["max_ongoing_requests"],
+        max_queued_requests=settings["max_queued_requests"],  # beyond: the proxy answers 503
         ray_actor_options={
             "num_cpus": settings["cpus_per_replica"],
             "num_gpus": settings["gpus_per_replica"],
+            "runtime_env": {"env_vars": {TOKEN_ENV: token}} if token else {},
         },
     ).bind(settings)
-    token = os.environ.get(TOKEN_ENV)  # to the front's process only, never into the config
-    frontend = Frontend.options(
-        num_replicas=1,
-        max_ongoing_requests=settings["max_ongoing_requests"],
-        max_queued_requests=settings["max_queued_requests"],
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {TOKEN_ENV: token}} if token else {}},
-    )
-    return frontend.bind(classifier, settings)

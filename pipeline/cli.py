@@ -504,6 +504,48 @@ def bench_train(root: Path, steps: int, batch: int, crop_px: int) -> None:
     _print_ratios(run(root, steps, batch, crop_px), "training", "x bare loop")
 
 
+@bench.command("serve")
+@_root_option("A prepared dataset (the bench model's classes).")
+@click.option(
+    "--images", type=click.Path(path_type=Path), default=None, help="JPEGs to send (default: --root's)."
+)
+@click.option(
+    "--model", default=None, help="MODEL@ALIAS or MODEL/VERSION (default: a fresh 224 px ResNet-50)."
+)
+@click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
+@click.option("--clients", default=8, show_default=True, help="Concurrent clients, one image per request.")
+@click.option(
+    "--batch", default=8, show_default=True, help="The deployment's max batch size, and the ceiling's."
+)
+@click.option("--batch-wait-ms", default=20.0, show_default=True)
+def bench_serve(
+    root: Path,
+    images: Path | None,
+    model: str | None,
+    seconds: float,
+    clients: int,
+    batch: int,
+    batch_wait_ms: float,
+) -> None:
+    """The Serve deployment against `mlflow models serve` (same model, same cores), with the
+    raw batched forward pass as the ceiling: requests/s and latency."""
+    from pipeline.bench_serve import bench_serve as run
+
+    _check_prepared(root)
+    if images is not None and not images.is_dir():
+        _fail(f"--images {images} is not a folder of images")
+    rows = run(root, images, model, seconds, clients, batch, batch_wait_ms)
+    table = [("serving", "per s", "p50 ms", "p99 ms", "failed", "x ceiling", "x mlflow")]
+    for row in rows:
+        table.append((
+            row.name, f"{row.per_s:.2f}",
+            f"{row.p50_ms:.0f}" if row.p50_ms is not None else "-",
+            f"{row.p99_ms:.0f}" if row.p99_ms is not None else "-",
+            str(row.failed), f"{row.per_s / rows[0].per_s:.3f}", f"{row.per_s / rows[2].per_s:.2f}",
+        ))  # fmt: skip
+    _print_table(table)
+
+
 def _print_ratios(results: list, title: str, ratio_title: str) -> None:
     """A table of images/s, each row against the first."""
     width = max(len(title), *(len(r.name) for r in results))

@@ -193,3 +193,18 @@ def test_a_promotion_mid_stream_switches_versions_without_failing_a_request(serv
     switch = versions.index("2")
     assert switch > 0 and set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}
     assert _healthy(url)["version"] == "2"
+
+
+def test_the_cluster_config_builds_the_same_app() -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.serve_app import app
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve-config.yaml").read_text())
+    ServeDeploySchema(**config)  # what `serve deploy` validates
+    (spec,) = config["applications"]
+    assert spec["import_path"] == "deploy.serve_app:app"
+    deployment = app(spec["args"])._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == spec["args"]["max_replicas"]
+    assert deployment.ray_actor_options["num_gpus"] == spec["args"]["gpus_per_replica"]

@@ -1,0 +1,261 @@
+"""`resnet-pipe bench serve`: the Serve deployment against `mlflow models serve` on the same
+model and cores, with the model's raw batched forward pass as the ceiling.
+
+The model is a registered version: MODEL@ALIAS or MODEL/VERSION from the user's store, or by
+default a freshly initialised ResNet-50 registered in a temporary store with imagenet-r50's
+evaluation transform (resize 256, center crop 224), so that the figures are the 224 px ones.
+Both servers get the same JPEGs, one image per request, from `clients` concurrent clients on
+loopback for `seconds` after a warm-up; requests/s counts answered requests (status 200).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.layouts import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    per_s: float  # requests/s (images/s for the ceiling)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    failed: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(send: Callable[[bytes], int], images: list[bytes], clients: int, seconds: float) -> Row:
+    """`clients` threads each send one image at a time for `seconds` (after 2 requests each of
+    warm-up); returns requests/s and latency percentiles of the answered ones."""
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def client(k: int) -> None:
+        for i in range(2):
+            send(images[(k + i) % len(images)])
+        start_gate.wait()
+        i = 0
+        while time.perf_counter() < deadline[0]:
+            began = time.perf_counter()
+            status = send(images[(k * 7 + i) % len(images)])
+            took = time.perf_counter() - began
+            with lock:
+                if status == 200:
+                    latencies.append(took)
+                else:
+                    failed[0] += 1
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.perf_counter() + 3600  # until every client is warm
+    start_gate.wait()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    return Row("", len(latencies) / elapsed, 1000 * quantiles[49], 1000 * quantiles[98], failed[0])
+
+
+def _http(url: str, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            answer.read()
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def _bench_model(root: Path) -> str:
+    """Registers a freshly initialised ResNet-50 (imagenet-r50's evaluation transform, the
+    classes of the dataset at `root`) in the current tracking store; returns MODEL/VERSION."""
+    import timm
+
+    from pipeline import checkpoint, tracking
+    from pipeline.config import load_job
+    from pipeline.dataset import load_index
+    from pipeline.tracking import registry
+
+    index = load_index(root)
+    job = load_job("imagenet-r50", [f"data.root='{root.resolve()}'", "scaling.num_workers=1"])
+    run_dir = Path.cwd() / "runs" / "bench-serve"
+    run_id = tracking.open_run(job, "bench-serve", run_dir, index.dataset_hash)
+    model = timm.create_model(job.model.arch, num_classes=len(index.classes))
+    folder = run_dir / "checkpoint"
+    folder.mkdir(parents=True)
+    checkpoint.save(
+        folder, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=1, step=0,
+        epoch_step=0, ranks=[], job=job, metrics={"val/top1": 0.0},
+    )  # fmt: skip
+    version = registry.register(run_id, run_dir, job, index)
+    tracking.close_run(run_id, succeeded=True)
+    return f"{version.name}/{version.version}"
+
+
+def _ceiling(model: str, images: list[bytes], batch: int, seconds: float) -> Row:
+    """The model's raw batched forward pass over already-preprocessed images, all cores."""
+    from deploy.serve_app import Loaded, Preprocess
+
+    name, _, version = model.partition("/")
+    loaded = Loaded.from_registry(name, version, torch.device("cpu"))
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    inputs = Preprocess(loaded.job, batch, torch.device("cpu"), threads)((images * batch)[:batch])
+    with torch.inference_mode():
+        loaded.model(inputs)  # warm-up
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            loaded.model(inputs)
+            done += batch
+    return Row(f"raw forward pass, batch {batch} (ceiling)", done / (time.perf_counter() - began))
+
+
+def _resnet_pipe(
+    model: str, images: list[bytes], clients: int, seconds: float, batch: int, wait_ms: float
+) -> Row:
+    import ray
+    from ray import serve
+
+    from pipeline import serving
+
+    cores = len(os.sched_getaffinity(0))
+    settings = serving.Settings(
+        model=model, cpus_per_replica=cores, max_batch_size=batch, batch_wait_ms=wait_ms,
+        max_ongoing_requests=4 * clients, max_queued_requests=4 * clients,
+    )  # fmt: skip
+    url = serving.start(settings, port=_free_port())
+    try:
+        row = drive(lambda body: _http(f"{url}/predict", body, "image/jpeg"), images, clients, seconds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return Row(
+        f"resnet-pipe deploy (Ray Serve, batch {batch})", row.per_s, row.p50_ms, row.p99_ms, row.failed
+    )
+
+
+def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float) -> Row:
+    port = _free_port()
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model}",
+         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # it runs `uvicorn` by name: this environment's, also when its bin/ is not on PATH
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(
+                        f"mlflow models serve did not start: {log.read().decode()[-2000:]}"
+                    ) from None
+                time.sleep(0.5)
+        bodies = {
+            image: json.dumps(
+                {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+            ).encode()
+            for image in images
+        }
+        row = drive(
+            lambda body: _http(f"{url}/invocations", bodies[body], "application/json"),
+            images,
+            clients,
+            seconds,
+        )
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+    return Row("mlflow models serve (1 worker)", row.per_s, row.p50_ms, row.p99_ms, row.failed)
+
+
+def bench_serve(
+    root: Path,
+    images_from: Path | None = None,
+    model: str | None = None,
+    seconds: float = 20.0,
+    clients: int = 8,
+    batch: int = 8,
+    wait_ms: float = 20.0,
+) -> list[Row]:
+    """Ceiling, resnet-pipe, mlflow models serve: one row each, in that order. `root`: a
+    prepared dataset (the bench model's classes); `images_from`: the JPEGs to send (default:
+    those of `root`)."""
+    root = root.resolve()  # the bench works in a folder of its own
+    folder = (images_from or root).resolve()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:64]
+    if not files:
+        raise ValueError(f"no images under {folder}")
+    images = [p.read_bytes() for p in files]
+    saved_cwd, saved_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if model is None:  # a model of our own, in a store of our own: the user's stays clean
+                os.chdir(tmp)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+                model = _bench_model(root)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = _absolute(saved_uri)
+                model = _fixed_version(model)
+            ceiling = _ceiling(model, images, batch, seconds)
+            ours = _resnet_pipe(model, images, clients, seconds, batch, wait_ms)
+            theirs = _mlflow_serve(model, images, clients, seconds)
+        finally:
+            os.chdir(saved_cwd)
+            if saved_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    return [ceiling, ours, theirs]
+
+
+def _absolute(uri: str | None) -> str:
+    from pipeline.tracking import tracking_uri
+
+    return uri or tracking_uri()
+
+
+def _fixed_version(target: str) -> str:
+    from pipeline.tracking import registry
+
+    version, _ = registry.serving_version(target)
+    return f"{version.name}/{version.version}"
