@@ -33,6 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.step import autocast, autocast_dtype, uses_channels_last
+
 log = logging.getLogger("ray.serve")
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
 TOKEN_ENV = "RESNET_PIPE_SERVE_TOKEN"  # set: requests need "Authorization: Bearer <token>"
@@ -126,7 +128,17 @@ class Loaded:
         model = timm.create_model(job.model.arch, num_classes=len(rows))
         model.load_state_dict(load_file(folder / "model.safetensors"))
         model = model.to(device).eval()
+        if uses_channels_last(job, device):
+            model = model.to(memory_format=torch.channels_last)
         return cls(name, str(version), model, [(wnid, label) for _, wnid, label in rows], job, device)
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities on the CPU, with validation's precision and memory format (bf16
+        autocast and channels_last on a GPU unless the job says otherwise; fp32 on the CPU)."""
+        if uses_channels_last(self.job, self.device):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, autocast_dtype(self.job, self.device)):
+            return self.model(batch).float().softmax(dim=1).cpu()
 
 
 class Preprocess:
@@ -287,7 +299,7 @@ class Classifier:
                 batch = preprocess(images)
             except Exception:  # DALI failed on one of them: find it, answer the others
                 return [self._one(loaded, preprocess, image) for image in images]
-            probabilities = loaded.model(batch).float().softmax(dim=1).cpu()
+            probabilities = loaded.probabilities(batch)
         return [_answer(loaded, row, self.settings.top_k) for row in probabilities]
 
     def _one(self, loaded: Loaded, preprocess: Preprocess, image: bytes) -> dict | BadImage:
@@ -295,7 +307,7 @@ class Classifier:
             batch = preprocess([image])
         except Exception as e:
             return BadImage(400, f"the image could not be decoded: {str(e).splitlines()[0]}")
-        probabilities = loaded.model(batch).float().softmax(dim=1).cpu()
+        probabilities = loaded.probabilities(batch)
         return _answer(loaded, probabilities[0], self.settings.top_k)
 
     @api.post("/predict", openapi_extra=IMAGE_BODY)
