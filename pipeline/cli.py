@@ -515,7 +515,10 @@ def bench_train(root: Path, steps: int, batch: int, crop_px: int) -> None:
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
 @click.option("--clients", default=8, show_default=True, help="Concurrent clients, one image per request.")
 @click.option(
-    "--batch", default=8, show_default=True, help="The deployment's max batch size, and the ceiling's."
+    "--batch",
+    default=4,
+    show_default=True,
+    help="Max batch size: half the clients, one batch fills while one runs.",
 )
 @click.option("--batch-wait-ms", default=20.0, show_default=True)
 def bench_serve(

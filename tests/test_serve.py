@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -114,6 +116,16 @@ def test_served_answers_match_offline_evaluation(served, prepared_dataset: Path)
     assert status == 200, answer
     batched = [r["predictions"][0]["class_index"] for r in answer["results"]]
     assert batched == [offline[name][0] for name in files[:6]]
+
+    # the same through `resnet-pipe predict`: a table, and exit 1 when a file is refused
+    garbage = prepared_dataset.parent / "not-an-image.jpg"
+    garbage.write_bytes(b"not an image")
+    good_file = str(prepared_dataset / files[0])
+    command = [sys.executable, "-m", "pipeline.cli", "predict", good_file, str(garbage)]
+    shown = subprocess.run([*command, "--url", url], capture_output=True, text=True, timeout=120)
+    lines = shown.stdout.splitlines()
+    assert shown.returncode == 1 and lines[1].split()[1] == index.classes[offline[files[0]][0]], shown
+    assert "415" in lines[2] and "resnet50/1" in lines[1]
 
     described = json.loads(urllib.request.urlopen(f"{url}/openapi.json", timeout=30).read())
     assert {"/predict", "/predict/batch", "/health"} <= set(described["paths"])
