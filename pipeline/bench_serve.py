@@ -165,6 +165,8 @@ def _resnet_pipe(
 
 
 def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float) -> Row:
+    from pipeline import serving
+
     port = _free_port()
     log = tempfile.TemporaryFile()
     server = subprocess.Popen(
@@ -176,19 +178,7 @@ def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float)
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(
-                        f"mlflow models serve did not start: {log.read().decode()[-2000:]}"
-                    ) from None
-                time.sleep(0.5)
+        serving.wait_until_up(f"{url}/ping", server, lambda: _read_all(log))
         bodies = {
             image: json.dumps(
                 {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
@@ -206,6 +196,11 @@ def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float)
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
     return Row("mlflow models serve (1 worker)", row.per_s, row.p50_ms, row.p99_ms, row.failed)
+
+
+def _read_all(file) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
 
 
 def bench_serve(

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -78,3 +81,25 @@ def predict_file(url: str, path: Path) -> dict:
     if status != 200:
         raise ServeError(f"{status}: {answer.get('error', answer)}")
     return answer
+
+
+def wait_until_up(
+    url: str, process: subprocess.Popen, log: Callable[[], str], timeout_s: float = 180
+) -> None:
+    """Waits until GET `url` answers 200 (a server `process` starting up).
+
+    Raises:
+        RuntimeError: the process ended or `timeout_s` passed first; with the end of its `log()`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            ended = f"exited with {process.returncode}" if process.poll() is not None else "no answer"
+            raise RuntimeError(f"the server for {url} did not start ({ended}): {log()[-2000:]}")
+        time.sleep(0.5)

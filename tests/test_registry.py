@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.dataset import load_index
 from pipeline.launch import submit
+from pipeline.serving import wait_until_up
 from pipeline.tracking import registry
 
 pytestmark = pytest.mark.ray
@@ -64,17 +65,7 @@ class Server:
             env=os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(self.folder / "auth.ini"),
                               "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret"},
         )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    logged = (self.folder / "server.log").read_text()
-                    raise RuntimeError(f"mlflow server did not start: {logged}") from None
-                time.sleep(0.5)
+        wait_until_up(f"{self.url}/health", self.process, (self.folder / "server.log").read_text)
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)  # the server and its uvicorn workers
