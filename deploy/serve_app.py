@@ -271,7 +271,7 @@ class Classifier:
         loaded = Loaded.from_registry(name, version, self.device)
         preprocess = Preprocess(loaded.job, self.settings.max_batch_size, self.device, self.threads)
         with torch.inference_mode():  # the first calls pay for allocation, not a request
-            loaded.model(preprocess([_warmup_image()] * self.settings.max_batch_size))
+            loaded.probabilities(preprocess([_warmup_image()] * self.settings.max_batch_size))
         log.info(f"serving {name} version {version}")
         return loaded, preprocess
 
