@@ -20,7 +20,6 @@ import hmac
 import io
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,11 +33,11 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline import system
 from pipeline.step import autocast, autocast_dtype, uses_channels_last
 
 log = logging.getLogger("ray.serve")
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
-SWITCH_INTERVAL_S = 0.0005
 TOKEN_ENV = "RESNET_PIPE_SERVE_TOKEN"  # set: requests need "Authorization: Bearer <token>"
 
 
@@ -254,10 +253,7 @@ class Classifier:
         self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
         self.threads = max(1, int(self.settings.cpus_per_replica))
         torch.set_num_threads(self.threads)
-        # the forward pass runs on a worker thread and takes the GIL between its ~200 ops; while
-        # the event loop holds it (reading requests, checking images) each handoff could wait
-        # Python's default 5 ms switch interval
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        system.quick_gil_handoffs()  # the forward pass runs on a thread beside the event loop
         version, self.alias = _serving_version(self.settings.model)
         self.current = self._load(version.name, str(version.version))
         self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time

@@ -94,6 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     job = submitted.at_world(world)  # the same global batch at any worker count
     device = ray.train.torch.get_device()
     torch.set_num_threads(job.scaling.cpus_per_worker)
+    system.quick_gil_handoffs()
 
     # model, EMA, optimizer, state; the checkpoint wins over fresh initialisation
     index = load_index(Path(config["data_root"]))
