@@ -10,186 +10,32 @@ Endpoints (OpenAPI description at /openapi.json, browsable at /docs):
     POST /predict           one image: its bytes with an image content type, or a multipart form
     POST /predict/batch     several images as a multipart form (one file field each)
 
-Each image is checked here (body size, format, pixel count, a full decode at reduced scale)
-before it joins a batch, so a bad request gets a 4xx JSON error and never fails anyone else's.
+Each image is checked (`pipeline.inference.check_image`: body size, format, pixel count, a full
+decode at reduced scale) before it joins a batch, so a bad request gets a 4xx JSON error and
+never fails anyone else's.
 Preprocessing is `pipeline.loader.serve_pipeline`: the same DALI graph as validation.
 """
 
 import asyncio
 import hmac
-import io
 import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import system
-from pipeline.step import autocast, autocast_dtype, uses_channels_last
+from pipeline.inference import BadImage, Loaded, Preprocess, check_image, prediction, warmup_image
+from pipeline.serving import TOKEN_ENV, Settings
+from pipeline.tracking import registry
 
 log = logging.getLogger("ray.serve")
-FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
-TOKEN_ENV = "RESNET_PIPE_SERVE_TOKEN"  # set: requests need "Authorization: Bearer <token>"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How the app serves; `resnet-pipe deploy` flags and deploy/serve-config.yaml set them."""
-
-    model: str | None = None  # MODEL@ALIAS, MODEL, MODEL/VERSION or a run; None: newest champion
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else ./mlflow.db
-    tracking_env: dict = field(default_factory=dict)  # MLflow credentials for the replicas
-    replicas: int | str = 1  # a number, or "auto": autoscaling between min and max_replicas
-    max_replicas: int = 4
-    cpus_per_replica: float = 2.0  # also the replica's torch threads
-    gpus_per_replica: float = 0.0
-    max_batch_size: int = 8
-    batch_wait_ms: float = 20.0  # how long a batch waits to fill
-    max_ongoing_requests: int = 32  # per replica; beyond it requests queue ...
-    max_queued_requests: int = 64  # ... and beyond this the proxy answers 503 at once
-    max_body_bytes: int = 20 * 2**20
-    max_pixels: int = 40_000_000
-    top_k: int = 5
-    reload_check_s: float = 2.0  # how often the followed alias is looked up
-
-
-class BadImage(Exception):
-    """An image this app will not classify, with the HTTP status that says why."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(status, message)
-        self.status, self.message = status, message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def check_image(body: bytes, settings: Settings) -> None:
-    """Raises BadImage (with its HTTP status) unless `body` is a whole image this app accepts."""
-    if not body:
-        raise BadImage(400, "empty body: send the image's bytes")
-    if len(body) > settings.max_body_bytes:
-        raise BadImage(413, f"image of {len(body)} bytes is over the limit of {settings.max_body_bytes}")
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            if image.format not in FORMATS:
-                raise BadImage(
-                    415, f"image format {image.format} is not accepted; send one of {', '.join(FORMATS)}"
-                )
-            pixels = image.width * image.height
-            if pixels > settings.max_pixels:
-                raise BadImage(
-                    413,
-                    f"image of {image.width} x {image.height} pixels is over the limit of "
-                    f"{settings.max_pixels}",
-                )
-            image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, every byte still read
-            image.load()
-    except UnidentifiedImageError:
-        raise BadImage(415, f"not an image: send one of {', '.join(FORMATS)}") from None
-    except Image.DecompressionBombError as e:
-        raise BadImage(413, f"image rejected as a decompression bomb: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImage(400, f"truncated or corrupt image: {e}") from None
-
-
-@dataclass
-class Loaded:
-    """One model version, ready to answer."""
-
-    name: str
-    version: str
-    model: torch.nn.Module
-    classes: list[tuple[str, str]]  # (wnid, name) per class index
-    job: object  # pipeline.config.Job: its data settings give the evaluation transform
-    device: torch.device
-
-    @classmethod
-    def from_registry(cls, name: str, version: str, device: torch.device) -> "Loaded":
-        import json
-
-        import mlflow
-        import timm
-        from safetensors.torch import load_file
-
-        from pipeline.config import from_dict
-
-        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")) / "artifacts"
-        job = from_dict(json.loads((folder / "job.json").read_text()))
-        rows = [row.split("\t") for row in (folder / "classes.tsv").read_text(encoding="utf-8").splitlines()]
-        model = timm.create_model(job.model.arch, num_classes=len(rows))
-        model.load_state_dict(load_file(folder / "model.safetensors"))
-        model = model.to(device).eval()
-        if uses_channels_last(job, device):
-            model = model.to(memory_format=torch.channels_last)
-        return cls(name, str(version), model, [(wnid, label) for _, wnid, label in rows], job, device)
-
-    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities on the CPU, with validation's precision and memory format (bf16
-        autocast and channels_last on a GPU unless the job says otherwise; fp32 on the CPU)."""
-        if uses_channels_last(self.job, self.device):
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, autocast_dtype(self.job, self.device)):
-            return self.model(batch).float().softmax(dim=1).cpu()
-
-
-class Preprocess:
-    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images."""
-
-    def __init__(self, job, max_batch: int, device: torch.device, threads: int):
-        from pipeline.loader import serve_pipeline
-
-        self.device = device
-        gpu = device.type == "cuda"
-        self.pipe = serve_pipeline(
-            data=job.data,
-            gpu=gpu,
-            threads=threads,
-            batch_size=max_batch,
-            num_threads=threads,
-            device_id=device.index or 0 if gpu else None,
-            prefetch_queue_depth=1,
-            exec_async=False,
-            exec_pipelined=False,
-        )
-        self.pipe.build()
-
-    def __call__(self, encoded: list[bytes]) -> torch.Tensor:
-        from pipeline.loader import SERVE_INPUT
-
-        self.pipe.feed_input(SERVE_INPUT, [np.frombuffer(b, dtype=np.uint8) for b in encoded])
-        (images,) = self.pipe.run()
-        return torch.from_numpy(np.array(images.as_cpu().as_tensor())).to(self.device)
-
-
-def _answer(loaded: Loaded, probabilities: torch.Tensor, top_k: int) -> dict:
-    top = probabilities.topk(min(top_k, len(probabilities)))
-    predictions = [
-        {"class_index": i, "wnid": loaded.classes[i][0], "name": loaded.classes[i][1], "probability": p}
-        for p, i in zip(top.values.tolist(), top.indices.tolist())
-    ]
-    return {"model": loaded.name, "version": loaded.version, "predictions": predictions}
-
-
-def _warmup_image() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (320, 240), (120, 90, 60)).save(out, format="JPEG")
-    return out.getvalue()
-
-
-def _serving_version(target: str | None):
-    from pipeline.tracking import registry
-
-    return registry.serving_version(target)
 
 
 # HTTP: FastAPI for routing, JSON errors and the OpenAPI description
@@ -236,8 +82,6 @@ async def _json_route_error(request: Request, e: StarletteHTTPException) -> JSON
     return JSONResponse({"error": e.detail}, status_code=e.status_code)
 
 
-# (everything Classifier uses is defined above it: Serve may pickle the class by value when it
-# is decorated, before the rest of this module exists)
 @serve.deployment
 @serve.ingress(api)
 class Classifier:
@@ -254,7 +98,7 @@ class Classifier:
         self.threads = max(1, int(self.settings.cpus_per_replica))
         torch.set_num_threads(self.threads)
         system.quick_gil_handoffs()  # the forward pass runs on a thread beside the event loop
-        version, self.alias = _serving_version(self.settings.model)
+        version, self.alias = registry.serving_version(self.settings.model)
         self.current = self._load(version.name, str(version.version))
         self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time
         self.token = os.environ.get(TOKEN_ENV) or None
@@ -267,7 +111,7 @@ class Classifier:
         loaded = Loaded.from_registry(name, version, self.device)
         preprocess = Preprocess(loaded.job, self.settings.max_batch_size, self.device, self.threads)
         with torch.inference_mode():  # the first calls pay for allocation, not a request
-            loaded.probabilities(preprocess([_warmup_image()] * self.settings.max_batch_size))
+            loaded.probabilities(preprocess([warmup_image()] * self.settings.max_batch_size))
         log.info(f"serving {name} version {version}")
         return loaded, preprocess
 
@@ -302,7 +146,7 @@ class Classifier:
             except Exception:  # DALI failed on one of them: find it, answer the others
                 return [self._one(loaded, preprocess, image) for image in images]
             probabilities = loaded.probabilities(batch)
-        return [_answer(loaded, row, self.settings.top_k) for row in probabilities]
+        return [prediction(loaded, row, self.settings.top_k) for row in probabilities]
 
     def _one(self, loaded: Loaded, preprocess: Preprocess, image: bytes) -> dict | BadImage:
         try:
@@ -310,7 +154,7 @@ class Classifier:
         except Exception as e:
             return BadImage(400, f"the image could not be decoded: {str(e).splitlines()[0]}")
         probabilities = loaded.probabilities(batch)
-        return _answer(loaded, probabilities[0], self.settings.top_k)
+        return prediction(loaded, probabilities[0], self.settings.top_k)
 
     @api.post("/predict", openapi_extra=IMAGE_BODY)
     async def predict(self, request: Request) -> dict:
@@ -344,7 +188,7 @@ class Classifier:
 
     async def _answer_one(self, body: bytes) -> dict:
         try:
-            check_image(body, self.settings)
+            check_image(body, self.settings.max_body_bytes, self.settings.max_pixels)
         except BadImage as e:
             raise HTTPException(e.status, str(e)) from None
         answer = await self.classify(body)

@@ -124,7 +124,7 @@ def _bench_model(root: Path) -> str:
 
 def _ceiling(model: str, images: list[bytes], batch: int, seconds: float) -> Row:
     """The model's raw batched forward pass over already-preprocessed images, all cores."""
-    from deploy.serve_app import Loaded, Preprocess
+    from pipeline.inference import Loaded, Preprocess
 
     name, _, version = model.partition("/")
     loaded = Loaded.from_registry(name, version, torch.device("cpu"))

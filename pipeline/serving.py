@@ -6,6 +6,7 @@ answer = predict_file(url, Path("cat.jpg"))     # {"model", "version", "predicti
 
 from __future__ import annotations
 
+import importlib
 import json
 import mimetypes
 import os
@@ -14,12 +15,42 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from deploy.serve_app import TOKEN_ENV, Settings, app  # noqa: F401 (Settings: for callers)
-
 APP_NAME = "resnet-pipe"
+# the application's builder, named the way deploy/serve-config.yaml names it: the library does
+# not import deploy/, the app imports the library
+APP_IMPORT_PATH = "deploy.serve_app:app"
+TOKEN_ENV = "RESNET_PIPE_SERVE_TOKEN"  # set: requests need "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the app serves; `resnet-pipe deploy` flags and the `args` of deploy/serve-config.yaml
+    set them."""
+
+    model: str | None = None  # MODEL@ALIAS, MODEL, MODEL/VERSION or a run; None: newest champion
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else ./mlflow.db
+    tracking_env: dict = field(default_factory=dict)  # MLflow credentials for the replicas
+    replicas: int | str = 1  # a number, or "auto": autoscaling between min and max_replicas
+    max_replicas: int = 4
+    cpus_per_replica: float = 2.0  # also the replica's torch threads
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 8
+    batch_wait_ms: float = 20.0  # how long a batch waits to fill
+    max_ongoing_requests: int = 32  # per replica; beyond it requests queue ...
+    max_queued_requests: int = 64  # ... and beyond this the proxy answers 503 at once
+    max_body_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    top_k: int = 5
+    reload_check_s: float = 2.0  # how often the followed alias is looked up
+
+
+def build_app(settings: Settings):
+    """The Serve application of APP_IMPORT_PATH for `settings`."""
+    module, _, builder = APP_IMPORT_PATH.partition(":")
+    return getattr(importlib.import_module(module), builder)(asdict(settings))
 
 
 class ServeError(RuntimeError):
@@ -40,7 +71,7 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
         settings, tracking_uri=settings.tracking_uri or tracking.tracking_uri(), tracking_env=credentials
     )
     serve.start(http_options={"host": host, "port": port})
-    serve.run(app(asdict(settings)), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 

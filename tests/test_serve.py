@@ -25,11 +25,11 @@ from conftest import small_job
 from PIL import Image
 from safetensors.torch import load_file
 
-from deploy.serve_app import TOKEN_ENV, Settings
 from pipeline import serving
 from pipeline.dataset import load_index
 from pipeline.launch import submit
 from pipeline.loader import build_loader
+from pipeline.serving import TOKEN_ENV, Settings
 from pipeline.tracking import registry
 
 pytestmark = pytest.mark.ray

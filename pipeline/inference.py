@@ -1,0 +1,145 @@
+"""A registered model version loaded for inference, and what serving needs around it:
+checking an encoded image before it joins a batch, preprocessing batches with the evaluation
+transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
+`resnet-pipe bench serve` both use these.
+
+    loaded = Loaded.from_registry("resnet50", "3", torch.device("cpu"))
+    preprocess = Preprocess(loaded.job, max_batch=8, device=loaded.device, threads=2)
+    check_image(body, max_body_bytes=20 * 2**20, max_pixels=40_000_000)   # raises BadImage
+    answers = [prediction(loaded, row, top_k=5) for row in loaded.probabilities(preprocess([body]))]
+"""
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.step import autocast, autocast_dtype, uses_channels_last
+
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
+
+
+class BadImage(Exception):
+    """An image the server will not classify, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, message)
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_image(body: bytes, max_body_bytes: int, max_pixels: int) -> None:
+    """Raises BadImage (with its HTTP status) unless `body` is a whole image this app accepts."""
+    if not body:
+        raise BadImage(400, "empty body: send the image's bytes")
+    if len(body) > max_body_bytes:
+        raise BadImage(413, f"image of {len(body)} bytes is over the limit of {max_body_bytes}")
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            if image.format not in FORMATS:
+                raise BadImage(
+                    415, f"image format {image.format} is not accepted; send one of {', '.join(FORMATS)}"
+                )
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise BadImage(
+                    413,
+                    f"image of {image.width} x {image.height} pixels is over the limit of {max_pixels}",
+                )
+            image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, every byte still read
+            image.load()
+    except UnidentifiedImageError:
+        raise BadImage(415, f"not an image: send one of {', '.join(FORMATS)}") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(413, f"image rejected as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(400, f"truncated or corrupt image: {e}") from None
+
+
+@dataclass
+class Loaded:
+    """One model version, ready to answer."""
+
+    name: str
+    version: str
+    model: torch.nn.Module
+    classes: list[tuple[str, str]]  # (wnid, name) per class index
+    job: object  # pipeline.config.Job: its data settings give the evaluation transform
+    device: torch.device
+
+    @classmethod
+    def from_registry(cls, name: str, version: str, device: torch.device) -> "Loaded":
+        import json
+
+        import mlflow
+        import timm
+        from safetensors.torch import load_file
+
+        from pipeline.config import from_dict
+
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")) / "artifacts"
+        job = from_dict(json.loads((folder / "job.json").read_text()))
+        rows = [row.split("\t") for row in (folder / "classes.tsv").read_text(encoding="utf-8").splitlines()]
+        model = timm.create_model(job.model.arch, num_classes=len(rows))
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        model = model.to(device).eval()
+        if uses_channels_last(job, device):
+            model = model.to(memory_format=torch.channels_last)
+        return cls(name, str(version), model, [(wnid, label) for _, wnid, label in rows], job, device)
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities on the CPU, with validation's precision and memory format (bf16
+        autocast and channels_last on a GPU unless the job says otherwise; fp32 on the CPU)."""
+        if uses_channels_last(self.job, self.device):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, autocast_dtype(self.job, self.device)):
+            return self.model(batch).float().softmax(dim=1).cpu()
+
+
+class Preprocess:
+    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images."""
+
+    def __init__(self, job, max_batch: int, device: torch.device, threads: int):
+        from pipeline.loader import serve_pipeline
+
+        self.device = device
+        gpu = device.type == "cuda"
+        self.pipe = serve_pipeline(
+            data=job.data,
+            gpu=gpu,
+            threads=threads,
+            batch_size=max_batch,
+            num_threads=threads,
+            device_id=device.index or 0 if gpu else None,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+        )
+        self.pipe.build()
+
+    def __call__(self, encoded: list[bytes]) -> torch.Tensor:
+        from pipeline.loader import SERVE_INPUT
+
+        self.pipe.feed_input(SERVE_INPUT, [np.frombuffer(b, dtype=np.uint8) for b in encoded])
+        (images,) = self.pipe.run()
+        return torch.from_numpy(np.array(images.as_cpu().as_tensor())).to(self.device)
+
+
+def prediction(loaded: Loaded, probabilities: torch.Tensor, top_k: int) -> dict:
+    top = probabilities.topk(min(top_k, len(probabilities)))
+    predictions = [
+        {"class_index": i, "wnid": loaded.classes[i][0], "name": loaded.classes[i][1], "probability": p}
+        for p, i in zip(top.values.tolist(), top.indices.tolist())
+    ]
+    return {"model": loaded.name, "version": loaded.version, "predictions": predictions}
+
+
+def warmup_image() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (320, 240), (120, 90, 60)).save(out, format="JPEG")
+    return out.getvalue()
