@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.layouts import IMAGE_SUFFIXES
+from pipeline.tracking import tracking_uri
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def bench_serve(
                 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
                 model = _bench_model(root)
             else:
-                os.environ["MLFLOW_TRACKING_URI"] = _absolute(saved_uri)
+                os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the user's store, absolute
                 model = _fixed_version(model)
             ceiling = _ceiling(model, images, batch, seconds)
             ours = _resnet_pipe(model, images, clients, seconds, batch, wait_ms)
@@ -241,12 +242,6 @@ def bench_serve(
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_uri
     return [ceiling, ours, theirs]
-
-
-def _absolute(uri: str | None) -> str:
-    from pipeline.tracking import tracking_uri
-
-    return uri or tracking_uri()
 
 
 def _fixed_version(target: str) -> str:

@@ -29,13 +29,6 @@ from pipeline.train import train_loop_per_worker
 # from 7.5 to 9.2 images/s (the same loop on a plain process's main thread: 9.2 to 9.7), for
 # about 20 % more resident memory (docs/benchmarks.md).
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
-MLFLOW_CREDENTIALS = (
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_INSECURE_TLS",
-    "MLFLOW_TRACKING_SERVER_CERT_PATH",
-)
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
 KILL_ENV = "RESNET_PIPE_KILL_AT_STEP"  # test hook: the last rank kills its process there, once
 
@@ -105,7 +98,7 @@ def submit(
             "mlflow_run_id": run_id,
             # rank 0 logs with the driver's credentials (a server with basic auth or a token),
             # whoever started Ray
-            "tracking_env": {key: os.environ[key] for key in MLFLOW_CREDENTIALS if key in os.environ},
+            "tracking_env": tracking.credentials(),
             "fail_at_step": int(fault) if fault else None,
             "kill_at_step": int(kill) if kill else None,
             "board": board,

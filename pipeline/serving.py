@@ -63,12 +63,13 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     from ray import serve
 
     from pipeline import tracking
-    from pipeline.launch import MLFLOW_CREDENTIALS, connect
+    from pipeline.launch import connect
 
     connect(address)
-    credentials = {key: os.environ[key] for key in MLFLOW_CREDENTIALS if key in os.environ}
     settings = replace(
-        settings, tracking_uri=settings.tracking_uri or tracking.tracking_uri(), tracking_env=credentials
+        settings,
+        tracking_uri=settings.tracking_uri or tracking.tracking_uri(),
+        tracking_env=tracking.credentials(),
     )
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")

@@ -40,6 +40,21 @@ REQUEST_TIMEOUT_S = 20
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
+CREDENTIALS = (  # what MLflow's client reads for a server with authentication or TLS
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+)
+
+
+def credentials() -> dict[str, str]:
+    """This process's MLflow credentials (CREDENTIALS that are set), to hand to the processes
+    that log or load models for it: rank 0 of a training job, the Serve replicas."""
+    return {key: os.environ[key] for key in CREDENTIALS if key in os.environ}
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else a SQLite file in the working folder (absolute, for the workers)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
