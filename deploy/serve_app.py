@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import torch
@@ -98,8 +99,12 @@ class Classifier:
         self.threads = max(1, int(self.settings.cpus_per_replica))
         torch.set_num_threads(self.threads)
         system.quick_gil_handoffs()  # the forward pass runs on a thread beside the event loop
+        # One thread runs every batch (and the first load): torch's OpenMP runtime gives each
+        # thread that runs a parallel op a team of its own, and more OpenMP threads than cores
+        # make every team sleep between ops (pipeline.system.single_threaded_torch).
+        self._forward = ThreadPoolExecutor(1, thread_name_prefix="resnet-pipe-forward")
         version, self.alias = registry.serving_version(self.settings.model)
-        self.current = self._load(version.name, str(version.version))
+        self.current = self._forward.submit(self._load, version.name, str(version.version)).result()
         self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time
         self.token = os.environ.get(TOKEN_ENV) or None
         self.classify.set_max_batch_size(self.settings.max_batch_size)
@@ -118,6 +123,7 @@ class Classifier:
     def _follow_alias(self) -> None:
         from mlflow.tracking import MlflowClient
 
+        system.single_threaded_torch()  # loads a new version beside the serving thread, not on its cores
         client = MlflowClient()
         loaded, _ = self.current
         while True:
@@ -136,7 +142,7 @@ class Classifier:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def classify(self, images: list[bytes]) -> list[dict | BadImage]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._classify, images)
+        return await asyncio.get_running_loop().run_in_executor(self._forward, self._classify, images)
 
     def _classify(self, images: list[bytes]) -> list[dict | BadImage]:
         loaded, preprocess = self.current  # the whole batch answers with one version

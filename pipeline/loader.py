@@ -15,7 +15,6 @@ tests and exact resume compare).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import random
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from pipeline import augment
+from pipeline import augment, system
 from pipeline.config import Data, Job
 from pipeline.dataset import Index
 from pipeline.shards import read_shards
@@ -112,19 +111,11 @@ def _torch_resize(image, size: int | None, shorter: int | None):
 
 @functools.cache
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    # one image per thread, no intra-op threads: torch's OpenMP threads of each pool thread
-    # would spin beside the training step's own
-    return ThreadPoolExecutor(threads, thread_name_prefix="resnet-pipe-resize", initializer=_one_omp_thread)
-
-
-def _one_omp_thread() -> None:
-    """Runs this thread's torch ops single-threaded, leaving every other thread's setting alone
-    (`torch.set_num_threads` is process-wide): OpenMP's team size is a per-thread setting, set
-    after torch's own per-thread set-up, which its first op does."""
-    torch.ones(8).add_(1)
-    libgomp = next((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"), None)
-    if libgomp is not None:
-        ctypes.CDLL(str(libgomp)).omp_set_num_threads(1)
+    # one image per thread, no intra-op threads: an OpenMP team of each pool thread would put the
+    # training step's own threads to sleep between its ops (pipeline.system.single_threaded_torch)
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix="resnet-pipe-resize", initializer=system.single_threaded_torch
+    )
 
 
 def _normalize(images, data: Data, mirror=None, crop_px: int | None = None):

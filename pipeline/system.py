@@ -4,12 +4,16 @@ CPU and memory use of the node, the worker's resident memory, and its GPU's memo
     sample()          # on every rank, at each checkpoint (a collective point of the loop)
     per_node(samples) # on rank 0: {"system/<node ip>/cpu_percent": ..., ...}, one set per node
 
-And one setting of the process for the threads that share it: `quick_gil_handoffs()`.
+And how the threads of a process share its cores: `quick_gil_handoffs()` for the process,
+`single_threaded_torch()` for a helper thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import sys
+from pathlib import Path
 
 import psutil
 import ray.util
@@ -59,3 +63,30 @@ def quick_gil_handoffs() -> None:
     waits up to the interval. Measured with `resnet-pipe bench train`: 0.79-0.82 of the bare
     loop with the default, 0.85-0.86 with 0.5 ms (docs/benchmarks.md)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
+def single_threaded_torch() -> None:
+    """Runs this thread's PyTorch ops on this thread alone, leaving the process's setting (the
+    training step's or the forward pass's threads) as it is. For helper threads that call torch
+    (DALI's resize callbacks, the Serve replica's preprocessing).
+
+    Why it matters: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel op a
+    team of its own, and once the OpenMP threads of all teams outnumber the cores, it stops
+    spinning between parallel regions and sleeps on a futex instead, for every team. One helper
+    thread with a default team of 2 put the training threads to sleep about 1,200 times a second
+    and cost `bench train` about 10 % (docs/benchmarks.md).
+
+    The team size is a per-thread OpenMP setting; torch sets it on a thread's first call into its
+    thread settings, so that call comes first and ours after it.
+    """
+    torch.get_num_threads()
+    libgomp = _libgomp()
+    if libgomp is not None:
+        libgomp.omp_set_num_threads(1)
+
+
+@functools.cache
+def _libgomp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch's CPU ops run on (None for builds without one)."""
+    path = next((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"), None)
+    return ctypes.CDLL(str(path)) if path is not None else None

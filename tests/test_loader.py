@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import torchvision.transforms.v2.functional as TF
 from conftest import KEPT_ODD
 from PIL import Image
 
+from pipeline import loader
 from pipeline.config import Job, load_job
 from pipeline.dataset import Index, load_index, prepare
 from pipeline.loader import build_loader
@@ -206,3 +209,27 @@ def test_progressive_resizing_keeps_the_sample_order(job: Job, index: Index) -> 
         seen.append(ids.tolist())
         assert images.shape[-2:] == (56, 56)
     assert seen == expected
+
+
+def _a_large_op_starts_threads() -> bool:
+    before = len(os.listdir("/proc/self/task"))
+    torch.zeros(3, 512, 512).permute(1, 2, 0).contiguous()  # large enough for a parallel op
+    return len(os.listdir("/proc/self/task")) > before
+
+
+def test_the_resize_threads_start_no_openmp_team_beside_the_training_step(job: Job, index: Index) -> None:
+    """DALI's CPU resize runs torch on helper threads. An OpenMP team of their own would make
+    torch's OpenMP runtime, once its threads outnumber the cores, sleep between every op of the
+    training step (docs/benchmarks.md): the helper threads must run their ops alone."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(1) as plain:  # the probe sees a team start on an ordinary thread
+            assert plain.submit(_a_large_op_starts_threads).result()
+        next(iter(build_loader(job, index, "train")))  # resizes a batch on the helper threads
+        pool = loader._thread_pool(job.data.threads_per_worker)
+        assert pool.submit(torch.get_num_threads).result() == 1
+        assert not pool.submit(_a_large_op_starts_threads).result()
+        assert torch.get_num_threads() == 2, "the calling thread's own setting changed"
+    finally:
+        torch.set_num_threads(saved)
