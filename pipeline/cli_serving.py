@@ -1,0 +1,130 @@
+"""`resnet-pipe promote`, `ui`, `deploy` and `predict`: from the registry to a served model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from pipeline.cli_common import fail, print_table
+
+
+@click.command()
+@click.argument("target", metavar="RUN | MODEL/VERSION | MODEL")
+@click.option("--force", is_flag=True, help="Promote even when it does not beat the current champion.")
+@click.option("--rollback", is_flag=True, help="Give MODEL's champion alias back to the previous version.")
+def promote(target: str, force: bool, rollback: bool) -> None:
+    """Move MODEL's `champion` alias to a run's registered version, only when it beats the
+    current champion's val/top1 on the same dataset hash."""
+    from pipeline.tracking import registry
+
+    try:
+        outcome = registry.rollback(target) if rollback else registry.promote(target, force=force)
+    except registry.RegistryError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(outcome.message)
+
+
+@click.command()
+@click.option("--port", default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+def ui(port: int, host: str) -> None:
+    """Start the MLflow UI over the local store (mlflow.db and mlartifacts/ here)."""
+    from pipeline.tracking import DEFAULT_ARTIFACTS, tracking_uri
+
+    uri = tracking_uri()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+        "--default-artifact-root", str(Path.cwd() / DEFAULT_ARTIFACTS), "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    click.echo(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C stops it)")
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@click.command()
+@click.argument("target", required=False, metavar="[MODEL@ALIAS | MODEL/VERSION | RUN]")
+@click.option("--replicas", default="1", show_default=True, help="A number, or 'auto' (autoscaling).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-batch-size", default=8, show_default=True, help="Images per batched forward pass.")
+@click.option("--batch-wait-ms", default=20.0, show_default=True, help="How long a batch waits to fill.")
+@click.option("--cpus-per-replica", type=float, default=None, help="Default: all of this machine's cores.")
+@click.option("--gpus-per-replica", type=float, default=None, help="Default: 1 when there is a GPU.")
+@click.option("--address", default=None, help="A Ray cluster to deploy on (default: a local Ray).")
+def deploy(
+    target: str | None,
+    replicas: str,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    cpus_per_replica: float | None,
+    gpus_per_replica: float | None,
+    address: str | None,
+) -> None:
+    """Serve a registered model over HTTP with Ray Serve (default: the champion of the most
+    recently updated model); it follows the alias: a promotion or rollback switches versions.
+    Set RESNET_PIPE_SERVE_TOKEN to require `Authorization: Bearer <token>`."""
+    from pipeline import serving
+    from pipeline.tracking import registry
+
+    if replicas != "auto" and not replicas.isdigit():
+        fail(f"--replicas {replicas}: give a number of replicas or 'auto'")
+    try:
+        version, alias = registry.serving_version(target)
+    except registry.RegistryError as e:
+        fail(str(e))
+    import torch
+
+    gpus = gpus_per_replica if gpus_per_replica is not None else float(torch.cuda.is_available())
+    settings = serving.Settings(
+        model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",
+        replicas=replicas if replicas == "auto" else int(replicas),
+        cpus_per_replica=cpus_per_replica or float(len(os.sched_getaffinity(0))),
+        gpus_per_replica=gpus,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+    )
+    url = serving.start(settings, host, port, address)
+    following = f", following {version.name}@{alias}" if alias else ""
+    click.echo(f"serving {version.name} version {version.version}{following} at {url}")
+    click.echo(
+        f"  POST {url}/predict (an image), {url}/predict/batch (a form); API: {url}/docs; Ctrl-C stops"
+    )
+    try:
+        while True:
+            threading.Event().wait(3600)
+    except KeyboardInterrupt:
+        serving.stop()
+
+
+@click.command()
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The deployment's address.")
+def predict(images: tuple[Path, ...], url: str) -> None:
+    """Classify IMAGES with a running deployment; prints a table (exit 1 if any was refused)."""
+    from pipeline import serving
+
+    rows, failed = [("image", "class", "name", "probability", "model")], 0
+    for path in images:
+        try:
+            answer = serving.predict_file(url, path)
+        except serving.ServeError as e:
+            rows.append((str(path), "-", f"error {e}", "-", "-"))
+            failed += 1
+            continue
+        best = answer["predictions"][0]
+        model = f"{answer['model']}/{answer['version']}"
+        rows.append((str(path), best["wnid"], best["name"], f"{best['probability']:.4f}", model))
+    print_table(rows)
+    sys.exit(1 if failed else 0)
