@@ -194,7 +194,9 @@ class Classifier:
 
     async def _answer_one(self, body: bytes) -> dict:
         try:
-            check_image(body, self.settings.max_body_bytes, self.settings.max_pixels)
+            loaded, _ = self.current
+            resize_px = loaded.job.data.val_resize_px
+            check_image(body, self.settings.max_body_bytes, self.settings.max_pixels, resize_px)
         except BadImage as e:
             raise HTTPException(e.status, str(e)) from None
         answer = await self.classify(body)

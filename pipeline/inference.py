@@ -5,7 +5,7 @@ transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
 
     loaded = Loaded.from_registry("resnet50", "3", torch.device("cpu"))
     preprocess = Preprocess(loaded.job, max_batch=8, device=loaded.device, threads=2)
-    check_image(body, max_body_bytes=20 * 2**20, max_pixels=40_000_000)   # raises BadImage
+    check_image(body, max_body_bytes=20 * 2**20, max_pixels=40_000_000, resize_px=256)  # or BadImage
     answers = [prediction(loaded, row, top_k=5) for row in loaded.probabilities(preprocess([body]))]
 """
 
@@ -33,8 +33,13 @@ class BadImage(Exception):
         return self.message
 
 
-def check_image(body: bytes, max_body_bytes: int, max_pixels: int) -> None:
-    """Raises BadImage (with its HTTP status) unless `body` is a whole image this app accepts."""
+def check_image(body: bytes, max_body_bytes: int, max_pixels: int, resize_px: int | None = None) -> None:
+    """Raises BadImage (with its HTTP status) unless `body` is a whole image this app accepts.
+
+    `resize_px`: the shorter side the evaluation transform resizes to. A long thin image is
+    small until then: 16,000 x 1 pixels in a few hundred bytes resize to 256 x 4,096,000 (7 GB of
+    memory and 19 s on 2 cores, measured), so the resized size must be within `max_pixels` too.
+    """
     if not body:
         raise BadImage(400, "empty body: send the image's bytes")
     if len(body) > max_body_bytes:
@@ -50,6 +55,12 @@ def check_image(body: bytes, max_body_bytes: int, max_pixels: int) -> None:
                 raise BadImage(
                     413,
                     f"image of {image.width} x {image.height} pixels is over the limit of {max_pixels}",
+                )
+            if resize_px and resize_px**2 * max(image.size) > max_pixels * min(image.size):
+                raise BadImage(
+                    413,
+                    f"image of {image.width} x {image.height} pixels is too long and thin: resizing its "
+                    f"shorter side to {resize_px} would make it over {max_pixels} pixels; crop it first",
                 )
             image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, every byte still read
             image.load()

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import psutil
-import ray.util
 import torch
 
 GIL_SWITCH_INTERVAL_S = 0.0005  # Python's default is 0.005
@@ -26,6 +25,8 @@ psutil.cpu_percent(interval=None)  # starts the clock: the first sample covers t
 
 def sample() -> dict:
     """This rank's node and device, now. CPU use is since the previous call (the first: 0)."""
+    import ray.util  # here: the data loader uses this module too, without Ray
+
     memory = psutil.virtual_memory()
     values = {
         "cpu_percent": psutil.cpu_percent(interval=None),

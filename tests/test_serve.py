@@ -136,6 +136,8 @@ def test_bad_requests_get_4xx_and_the_replica_stays_healthy(served, prepared_dat
     good = (prepared_dataset / load_index(prepared_dataset).files("val")[0]).read_bytes()
     huge = io.BytesIO()
     Image.new("L", (2500, 2000)).save(huge, format="PNG")  # 5 M pixels in a few kB
+    thin = io.BytesIO()
+    Image.new("RGB", (60_000, 1)).save(thin, format="PNG")  # 73 px high once resized: 320 M pixels
     gif = io.BytesIO()
     Image.new("RGB", (40, 30)).save(gif, format="GIF")
     empty_form, form_kind = _multipart([])
@@ -146,6 +148,7 @@ def test_bad_requests_get_4xx_and_the_replica_stays_healthy(served, prepared_dat
         "wrong content type": (good, "text/plain", 415),
         "too many bytes": (np.random.default_rng(0).bytes(3 * 2**20), "image/jpeg", 413),
         "too many pixels": (huge.getvalue(), "image/png", 413),
+        "too many pixels once resized": (thin.getvalue(), "image/png", 413),
         "unaccepted format": (gif.getvalue(), "image/gif", 415),
         "form without a file": (empty_form, form_kind, 400),
     }
