@@ -99,13 +99,13 @@ class Classifier:
         self.threads = max(1, int(self.settings.cpus_per_replica))
         torch.set_num_threads(self.threads)
         system.quick_gil_handoffs()  # the forward pass runs on a thread beside the event loop
-        # One thread runs every batch (and the first load): torch's OpenMP runtime gives each
-        # thread that runs a parallel op a team of its own, and more OpenMP threads than cores
-        # make every team sleep between ops (pipeline.system.single_threaded_torch).
+        # One thread runs every batch (and the first load), so batches use a version's DALI
+        # pipeline one at a time; and torch's OpenMP runtime gives each thread that runs a
+        # parallel op a team of its own: more OpenMP threads than cores make every team sleep
+        # between ops (pipeline.system.single_threaded_torch).
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="resnet-pipe-forward")
         version, self.alias = registry.serving_version(self.settings.model)
         self.current = self._forward.submit(self._load, version.name, str(version.version)).result()
-        self._lock = threading.Lock()  # one DALI pipeline: batches preprocess one at a time
         self.token = os.environ.get(TOKEN_ENV) or None
         self.classify.set_max_batch_size(self.settings.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
@@ -146,7 +146,7 @@ class Classifier:
 
     def _classify(self, images: list[bytes]) -> list[dict | BadImage]:
         loaded, preprocess = self.current  # the whole batch answers with one version
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             try:
                 batch = preprocess(images)
             except Exception:  # DALI failed on one of them: find it, answer the others
@@ -194,8 +194,7 @@ class Classifier:
 
     async def _answer_one(self, body: bytes) -> dict:
         try:
-            loaded, _ = self.current
-            resize_px = loaded.job.data.val_resize_px
+            resize_px = self.current[0].job.data.val_resize_px  # the evaluation transform's
             check_image(body, self.settings.max_body_bytes, self.settings.max_pixels, resize_px)
         except BadImage as e:
             raise HTTPException(e.status, str(e)) from None

@@ -69,7 +69,7 @@ def quick_gil_handoffs() -> None:
 def single_threaded_torch() -> None:
     """Runs this thread's PyTorch ops on this thread alone, leaving the process's setting (the
     training step's or the forward pass's threads) as it is. For helper threads that call torch
-    (DALI's resize callbacks, the Serve replica's preprocessing).
+    (DALI's resize callbacks, the Serve replica's reload thread).
 
     Why it matters: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel op a
     team of its own, and once the OpenMP threads of all teams outnumber the cores, it stops
