@@ -157,14 +157,19 @@ def bench_data(
     return [measure(name, make(), seconds) for name, make in rows]
 
 
-def bare_loop(arch: str, num_classes: int, batch: int, crop_px: int, threads: int, steps: int) -> float:
+def bare_loop(
+    arch: str, num_classes: int, batch: int, crop_px: int, threads: int, steps: int, channels_last: bool
+) -> float:
     """Images/s of a plain PyTorch training loop over in-memory tensors: the ceiling."""
     import timm
 
     torch.set_num_threads(threads)
     model = timm.create_model(arch, num_classes=num_classes).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(batch, 3, crop_px, crop_px)
+    if channels_last:  # the job's memory format, as the pipeline's step uses it
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     labels = torch.randint(0, num_classes, (batch,))
     for step in range(steps):
         if step == 2:  # the same warm-up the pipeline leaves out
@@ -176,16 +181,18 @@ def bare_loop(arch: str, num_classes: int, batch: int, crop_px: int, threads: in
     return batch * (steps - 2) / (time.perf_counter() - start)
 
 
-def _bare_loop_in_fresh_process(*args) -> float:
-    """`bare_loop` in a new process that starts with the training workers' malloc settings, so
-    that the two sides differ by the pipeline alone."""
+def in_worker_process(function: Callable, *args):
+    """`function(*args)` in a new process that starts with the malloc settings of Ray Train
+    workers and Serve replicas (`pipeline.launch.WORKER_ENV`), so that a bare loop and the
+    pipeline differ by the pipeline alone. With glibc's defaults ResNet-50's forward pass on
+    2 cores gave 25 images/s, against 35 with them (docs/benchmarks.md)."""
     from pipeline.launch import WORKER_ENV
 
     saved = {key: os.environ.get(key) for key in WORKER_ENV}
     os.environ.update(WORKER_ENV)  # a spawned child reads them when it starts
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(bare_loop, *args).result()
+            return pool.submit(function, *args).result()
     finally:
         for key, value in saved.items():
             if value is None:
@@ -209,7 +216,10 @@ def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224
         f"scaling.batch_size_per_worker={batch}", f"data.crop_px={crop_px}", "data.threads_per_worker=1",
         f"scaling.use_gpu={str(torch.cuda.is_available()).lower()}", "run.log_every_steps=4",
     ]  # fmt: skip
-    bare = _bare_loop_in_fresh_process("resnet50", len(index.classes), batch, crop_px, threads, steps)
+    channels_last = load_job("imagenet-r50", overrides).run.channels_last
+    bare = in_worker_process(
+        bare_loop, "resnet50", len(index.classes), batch, crop_px, threads, steps, channels_last
+    )
     rows = [Result("bare PyTorch loop, in-memory tensors", bare)]
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:

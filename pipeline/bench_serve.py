@@ -11,6 +11,7 @@ loopback for `seconds` after a warm-up; requests/s counts answered requests (sta
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import socket
@@ -20,13 +21,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.bench import in_worker_process
 from pipeline.layouts import IMAGE_SUFFIXES
 from pipeline.tracking import tracking_uri
 
@@ -85,15 +87,35 @@ def drive(send: Callable[[bytes], int], images: list[bytes], clients: int, secon
     return Row("", len(latencies) / elapsed, 1000 * quantiles[49], 1000 * quantiles[98], failed[0])
 
 
-def _http(url: str, body: bytes, content_type: str) -> int:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            answer.read()
-            return answer.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
+class _Connections:
+    """POSTs over one kept-alive HTTP/1.1 connection per client thread, as load generators
+    (wrk, hey, locust) do: a new TCP connection per request would cost the server and the
+    clients, on the same cores, more than the request itself."""
+
+    def __init__(self, url: str, content_type: str):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
+        self.headers = {"Content-Type": content_type}
+        self.local = threading.local()
+
+    def post(self, body: bytes) -> int:
+        for _ in range(2):  # a connection the server closed meanwhile: once more on a new one
+            connection = getattr(self.local, "connection", None)
+            if connection is None:
+                connection = self.local.connection = http.client.HTTPConnection(
+                    self.host, self.port, timeout=120
+                )
+            try:
+                connection.request("POST", self.path, body, self.headers)
+                answer = connection.getresponse()
+                answer.read()
+                if answer.will_close:
+                    connection.close()
+                    self.local.connection = None
+                return answer.status
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                self.local.connection = None
         return 0
 
 
@@ -123,12 +145,13 @@ def _bench_model(root: Path) -> str:
     return f"{version.name}/{version.version}"
 
 
-def _ceiling(model: str, images: list[bytes], batch: int, seconds: float) -> Row:
-    """The model's raw batched forward pass over already-preprocessed images, all cores."""
+def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, raw: bool) -> Row:
+    """The model's batched forward pass over already-preprocessed images, all cores: `raw`, in
+    PyTorch's default memory format (the ceiling); else as the replica runs it."""
     from pipeline.inference import Loaded, Preprocess
 
     name, _, version = model.partition("/")
-    loaded = Loaded.from_registry(name, version, torch.device("cpu"))
+    loaded = Loaded.from_registry(name, version, torch.device("cpu"), raw=raw)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     inputs = Preprocess(loaded.job, batch, torch.device("cpu"), threads)((images * batch)[:batch])
@@ -138,7 +161,8 @@ def _ceiling(model: str, images: list[bytes], batch: int, seconds: float) -> Row
         while time.perf_counter() - began < seconds:
             loaded.probabilities(inputs)
             done += batch
-    return Row(f"raw forward pass, batch {batch} (ceiling)", done / (time.perf_counter() - began))
+    kind = "raw forward pass (ceiling)" if raw else "the replica's forward pass (channels_last)"
+    return Row(f"{kind}, batch {batch}", done / (time.perf_counter() - began))
 
 
 def _resnet_pipe(
@@ -156,7 +180,7 @@ def _resnet_pipe(
     )  # fmt: skip
     url = serving.start(settings, port=_free_port())
     try:
-        row = drive(lambda body: _http(f"{url}/predict", body, "image/jpeg"), images, clients, seconds)
+        row = drive(_Connections(f"{url}/predict", "image/jpeg").post, images, clients, seconds)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -186,12 +210,8 @@ def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float)
             ).encode()
             for image in images
         }
-        row = drive(
-            lambda body: _http(f"{url}/invocations", bodies[body], "application/json"),
-            images,
-            clients,
-            seconds,
-        )
+        connections = _Connections(f"{url}/invocations", "application/json")
+        row = drive(lambda body: connections.post(bodies[body]), images, clients, seconds)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, 15)
@@ -213,7 +233,8 @@ def bench_serve(
     batch: int = 8,
     wait_ms: float = 20.0,
 ) -> list[Row]:
-    """Ceiling, resnet-pipe, mlflow models serve: one row each, in that order. `root`: a
+    """The raw forward pass (the ceiling), the replica's forward pass, resnet-pipe, mlflow
+    models serve: one row each, in that order. `root`: a
     prepared dataset (the bench model's classes); `images_from`: the JPEGs to send (default:
     those of `root`)."""
     root = root.resolve()  # the bench works in a folder of its own
@@ -232,16 +253,18 @@ def bench_serve(
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the user's store, absolute
                 model = _fixed_version(model)
-            ceiling = _ceiling(model, images, batch, seconds)
-            ours = _resnet_pipe(model, images, clients, seconds, batch, wait_ms)
-            theirs = _mlflow_serve(model, images, clients, seconds)
+            rows = [
+                in_worker_process(_forward_pass, model, images, batch, seconds, raw) for raw in (True, False)
+            ]
+            rows.append(_resnet_pipe(model, images, clients, seconds, batch, wait_ms))
+            rows.append(_mlflow_serve(model, images, clients, seconds))
         finally:
             os.chdir(saved_cwd)
             if saved_uri is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_uri
-    return [ceiling, ours, theirs]
+    return rows
 
 
 def _fixed_version(target: str) -> str:

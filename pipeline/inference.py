@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.step import autocast, autocast_dtype, uses_channels_last
+from pipeline.step import autocast, autocast_dtype
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
 
@@ -82,9 +82,12 @@ class Loaded:
     classes: list[tuple[str, str]]  # (wnid, name) per class index
     job: object  # pipeline.config.Job: its data settings give the evaluation transform
     device: torch.device
+    channels_last: bool
 
     @classmethod
-    def from_registry(cls, name: str, version: str, device: torch.device) -> "Loaded":
+    def from_registry(cls, name: str, version: str, device: torch.device, raw: bool = False) -> "Loaded":
+        """The version's model in the job's memory format (`raw`: in PyTorch's default one,
+        for `resnet-pipe bench serve`'s raw row)."""
         import json
 
         import mlflow
@@ -99,45 +102,63 @@ class Loaded:
         model = timm.create_model(job.model.arch, num_classes=len(rows))
         model.load_state_dict(load_file(folder / "model.safetensors"))
         model = model.to(device).eval()
-        if uses_channels_last(job, device):
+        channels_last = job.run.channels_last and not raw
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return cls(name, str(version), model, [(wnid, label) for _, wnid, label in rows], job, device)
+        classes = [(wnid, label) for _, wnid, label in rows]
+        return cls(name, str(version), model, classes, job, device, channels_last)
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities on the CPU, with validation's precision and memory format (bf16
-        autocast and channels_last on a GPU unless the job says otherwise; fp32 on the CPU)."""
-        if uses_channels_last(self.job, self.device):
+        """Class probabilities on the CPU, with validation's precision (bf16 autocast on a GPU
+        unless the job says otherwise; fp32 on the CPU)."""
+        if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, autocast_dtype(self.job, self.device)):
             return self.model(batch).float().softmax(dim=1).cpu()
 
 
 class Preprocess:
-    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images."""
+    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images.
+
+    An image DALI cannot decode raises, and leaves DALI's pipeline unusable ("Current pipeline
+    object is no longer valid"): every later call would fail too. So a failed call builds a new
+    pipeline before it raises. Such images exist: a JPEG whose Huffman-table marker is damaged
+    passes PIL's full decode (libjpeg skips to the next marker and uses its standard tables),
+    while DALI's parser rejects it."""
 
     def __init__(self, job, max_batch: int, device: torch.device, threads: int):
+        self.device = device
+        self.settings = (job.data, max_batch, threads)
+        self.pipe = self._build()
+
+    def _build(self):
         from pipeline.loader import serve_pipeline
 
-        self.device = device
-        gpu = device.type == "cuda"
-        self.pipe = serve_pipeline(
-            data=job.data,
+        data, max_batch, threads = self.settings
+        gpu = self.device.type == "cuda"
+        pipe = serve_pipeline(
+            data=data,
             gpu=gpu,
             threads=threads,
             batch_size=max_batch,
             num_threads=threads,
-            device_id=device.index or 0 if gpu else None,
+            device_id=self.device.index or 0 if gpu else None,
             prefetch_queue_depth=1,
             exec_async=False,
             exec_pipelined=False,
         )
-        self.pipe.build()
+        pipe.build()
+        return pipe
 
     def __call__(self, encoded: list[bytes]) -> torch.Tensor:
         from pipeline.loader import SERVE_INPUT
 
-        self.pipe.feed_input(SERVE_INPUT, [np.frombuffer(b, dtype=np.uint8) for b in encoded])
-        (images,) = self.pipe.run()
+        try:
+            self.pipe.feed_input(SERVE_INPUT, [np.frombuffer(b, dtype=np.uint8) for b in encoded])
+            (images,) = self.pipe.run()
+        except Exception:
+            self.pipe = self._build()
+            raise
         return torch.from_numpy(np.array(images.as_cpu().as_tensor())).to(self.device)
 
 

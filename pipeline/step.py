@@ -1,8 +1,8 @@
 """The training step and evaluation: pure PyTorch, no Ray and no DALI.
 
 The Ray Train loop (`pipeline.train`) calls these on each rank; `scripts/gpu-check.py` calls the
-same code on a bare GPU. Precision and memory format follow the device unless the job says:
-bf16 autocast and channels_last on CUDA, fp32 and contiguous on the CPU.
+same code on a bare GPU. Precision follows the device unless the job says: bf16 autocast on
+CUDA, fp32 on the CPU; the memory format is channels_last on both.
 
     step = Stepper(ddp_model, optimizer, job, device, num_classes=1000)
     loss = step([(images, labels)], lr)             # one optimizer step (more batches: accumulation)
@@ -34,11 +34,6 @@ def autocast_dtype(job: Job, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def uses_channels_last(job: Job, device: torch.device) -> bool:
-    """NHWC helps tensor cores (about 1.2x for ResNet-50 with AMP); on the CPU it does not pay."""
-    return job.run.channels_last if job.run.channels_last is not None else device.type == "cuda"
-
-
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -59,7 +54,7 @@ class Stepper:
     ):
         self.model, self.optimizer, self.job, self.device = model, optimizer, job, device
         self.num_classes = num_classes
-        self.channels_last = uses_channels_last(job, device)
+        self.channels_last = job.run.channels_last
         self.autocast_dtype = autocast_dtype(job, device)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
@@ -124,7 +119,7 @@ def evaluate(
         batches: (images, labels, ids) batches, as `pipeline.loader.Loader` yields them.
     """
     model.eval()
-    channels_last, dtype = uses_channels_last(job, device), autocast_dtype(job, device)
+    channels_last, dtype = job.run.channels_last, autocast_dtype(job, device)
     totals = torch.zeros(4, device=device)  # top-1 hits, top-5 hits, loss sum, samples
     per_class = torch.zeros(num_classes, 2, dtype=torch.int64, device=device)
     for images, labels, _ids in batches:

@@ -81,13 +81,21 @@ def single_threaded_torch() -> None:
     thread settings, so that call comes first and ours after it.
     """
     torch.get_num_threads()
-    libgomp = _libgomp()
+    libgomp, mkl = _runtimes()
     if libgomp is not None:
         libgomp.omp_set_num_threads(1)
+    if mkl is not None:  # MKL's matrix products (a ResNet's last layer) keep a team size of their own
+        mkl.MKL_Set_Num_Threads_Local(1)
 
 
 @functools.cache
-def _libgomp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch's CPU ops run on (None for builds without one)."""
-    path = next((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"), None)
-    return ctypes.CDLL(str(path)) if path is not None else None
+def _runtimes() -> tuple[ctypes.CDLL | None, ctypes.CDLL | None]:
+    """The OpenMP runtime torch's CPU ops run on, and the library that carries MKL's thread
+    settings (torch links MKL statically); None for builds without them."""
+    lib = Path(torch.__file__).parent / "lib"
+    libgomp = next(lib.glob("libgomp*.so*"), None)
+    cpu = ctypes.CDLL(str(lib / "libtorch_cpu.so")) if (lib / "libtorch_cpu.so").exists() else None
+    return (
+        ctypes.CDLL(str(libgomp)) if libgomp is not None else None,
+        cpu if cpu is not None and hasattr(cpu, "MKL_Set_Num_Threads_Local") else None,
+    )

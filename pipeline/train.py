@@ -29,7 +29,7 @@ from pipeline.ema import WeightEMA
 from pipeline.loader import Loader, build_loader
 from pipeline.optim import build_optimizer, lr_at
 from pipeline.progress import Progress
-from pipeline.step import Stepper, all_reduce_sum, evaluate, gather_objects, uses_channels_last
+from pipeline.step import Stepper, all_reduce_sum, evaluate, gather_objects
 from pipeline.tracking import UNSENT_FILE, RunLogger
 
 log = logging.getLogger("resnet_pipe")
@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
     if job.model.sync_batchnorm and device.type == "cuda" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
-    if uses_channels_last(job, device):
+    if job.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     torch.manual_seed(job.seed + 1 + rank)  # from here on (mixup draws) each rank has its own stream
     worker = Worker(

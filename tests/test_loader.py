@@ -11,7 +11,7 @@ import torchvision.transforms.v2.functional as TF
 from conftest import KEPT_ODD
 from PIL import Image
 
-from pipeline import loader
+from pipeline import loader, system
 from pipeline.config import Job, load_job
 from pipeline.dataset import Index, load_index, prepare
 from pipeline.loader import build_loader
@@ -211,10 +211,30 @@ def test_progressive_resizing_keeps_the_sample_order(job: Job, index: Index) -> 
     assert seen == expected
 
 
-def _a_large_op_starts_threads() -> bool:
+def _a_large_op_starts_threads(op=lambda: torch.zeros(3, 512, 512).permute(1, 2, 0).contiguous()) -> bool:
     before = len(os.listdir("/proc/self/task"))
-    torch.zeros(3, 512, 512).permute(1, 2, 0).contiguous()  # large enough for a parallel op
+    op()  # by default an OpenMP copy large enough to run in parallel
     return len(os.listdir("/proc/self/task")) > before
+
+
+def _matrix_product() -> None:  # MKL's, with a thread setting of its own beside OpenMP's
+    torch.ones(512, 512) @ torch.ones(512, 512)
+
+
+@pytest.mark.parametrize("op", [None, _matrix_product], ids=["openmp-copy", "mkl-matrix-product"])
+def test_single_threaded_torch_keeps_a_helper_threads_ops_on_that_thread(op) -> None:
+    """A Serve replica's forward pass ends in a matrix product: MKL started a team of 2 for it
+    on a helper thread whose OpenMP setting was already 1."""
+    args = (op,) if op else ()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(1) as plain:  # the probe sees a team start on an ordinary thread
+            assert plain.submit(_a_large_op_starts_threads, *args).result()
+        with ThreadPoolExecutor(1, initializer=system.single_threaded_torch) as helper:
+            assert not helper.submit(_a_large_op_starts_threads, *args).result()
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_the_resize_threads_start_no_openmp_team_beside_the_training_step(job: Job, index: Index) -> None:

@@ -79,6 +79,13 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def damaged_huffman_marker(jpeg: bytes) -> bytes:
+    """`jpeg` with the marker of its first Huffman table (FF C4) broken: libjpeg (PIL) skips to
+    the next marker and decodes with its standard tables; DALI's parser stops at it."""
+    at = jpeg.index(b"\xff\xc4")
+    return jpeg[:at] + b"\x3b" + jpeg[at + 1 :]
+
+
 def _healthy(url: str) -> dict:
     request = urllib.request.Request(f"{url}/health", headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(request, timeout=30) as answer:
@@ -159,6 +166,16 @@ def test_bad_requests_get_4xx_and_the_replica_stays_healthy(served, prepared_dat
     body, kind = _multipart([("good.jpg", good), ("bad.jpg", good[:100])])  # one bad image in a batch
     status, answer = _post(f"{url}/predict/batch", body, kind)
     assert status == 200 and answer["results"][0]["predictions"] and answer["results"][1]["status"] == 400
+
+    # passes every check (PIL decodes it) but DALI rejects it, and a DALI pipeline that failed
+    # once fails every later call: the replica must answer the others, and the next requests
+    damaged = damaged_huffman_marker(good)
+    files = [("good.jpg", good), ("damaged.jpg", damaged), ("good-too.jpg", good)]
+    status, answer = _post(f"{url}/predict/batch", *_multipart(files))
+    assert status == 200 and [r.get("status") for r in answer["results"]] == [None, 400, None], answer
+    assert "could not be decoded" in answer["results"][1]["error"]
+    status, answer = _post(f"{url}/predict", good)
+    assert status == 200 and answer["predictions"], answer
 
     no_token = urllib.request.Request(f"{url}/predict", data=good, headers={"Content-Type": "image/jpeg"})
     with pytest.raises(urllib.error.HTTPError, match="401"):

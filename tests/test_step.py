@@ -6,7 +6,7 @@ from torch import nn
 
 from pipeline.config import load_job
 from pipeline.optim import build_optimizer
-from pipeline.step import Stepper, autocast_dtype, classification_loss, evaluate, uses_channels_last
+from pipeline.step import Stepper, autocast_dtype, classification_loss, evaluate
 
 
 class FixedLogits(nn.Module):
@@ -21,7 +21,7 @@ class FixedLogits(nn.Module):
 
 
 def test_evaluate_counts_top1_top5_and_loss_by_hand() -> None:
-    job = load_job("quickstart")
+    job = load_job("quickstart", ["run.channels_last=false"])  # the "images" here are sample indices
     # 6 classes; sample 0: right at rank 1, sample 1: right at rank 3, sample 2: right at rank 6
     logits = torch.tensor([
         [9.0, 1, 2, 3, 4, 5],
@@ -39,14 +39,12 @@ def test_evaluate_counts_top1_top5_and_loss_by_hand() -> None:
     assert scores.per_class.tolist() == [[1, 0], [0, 0], [0, 0], [1, 1], [0, 0], [1, 1]]
 
 
-def test_precision_and_memory_format_follow_the_device() -> None:
+def test_precision_follows_the_device() -> None:
     job = load_job("quickstart")
     assert autocast_dtype(job, torch.device("cpu")) is None
     assert autocast_dtype(job, torch.device("cuda")) == torch.bfloat16
-    assert not uses_channels_last(job, torch.device("cpu")) and uses_channels_last(job, torch.device("cuda"))
-    fp16 = load_job("quickstart", ["run.precision='fp16'", "run.channels_last=false"])
+    fp16 = load_job("quickstart", ["run.precision='fp16'"])
     assert autocast_dtype(fp16, torch.device("cuda")) == torch.float16
-    assert not uses_channels_last(fp16, torch.device("cuda"))
 
 
 def _learns(device: torch.device, precision: str) -> tuple[float, float]:
@@ -55,7 +53,7 @@ def _learns(device: torch.device, precision: str) -> tuple[float, float]:
     job = load_job("quickstart", [f"run.precision='{precision}'"])
     torch.manual_seed(0)
     model = timm.create_model("resnet50", num_classes=4).to(device)
-    if uses_channels_last(job, device):
+    if job.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step = Stepper(model, build_optimizer(model, job), job, device, num_classes=4)
     images, labels = torch.randn(8, 3, 32, 32, device=device), torch.arange(8, device=device) % 4
