@@ -1,7 +1,7 @@
 """Dataset indexing and verification: `resnet-pipe data prepare ROOT`, and the index training reads.
 
-`prepare` reads any layout of `pipeline.layouts`, decodes every file once (in parallel, with a
-progress bar), and writes ROOT/index/:
+`prepare` reads any layout of `pipeline.layouts`, decodes every file once with PIL and with
+DALI's CPU decoder (in parallel, with a progress bar), and writes ROOT/index/:
 
     classes.tsv     index <TAB> class id (wnid) <TAB> name; index order = sorted class ids
     train.tsv       relative path <TAB> class index, one usable image a line
@@ -13,11 +13,13 @@ progress bar), and writes ROOT/index/:
 The manifest makes `prepare` incremental and resumable: a file whose size and mtime match its
 manifest line is not decoded again, and lines are appended as files are checked, so an
 interrupted run picks up where it stopped. Grayscale, CMYK and PNG-in-a-.JPEG files stay in (the
-loader decodes them to RGB); truncated, empty and undecodable files are left out and reported.
+loader decodes them to RGB); truncated, empty and undecodable files are left out and reported,
+as are the damaged files that PIL decodes and DALI cannot.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -83,9 +85,45 @@ def check_file(path: str) -> dict:
             image.load()  # decodes every pixel: truncated data raises here, not at open
             if image.width < 1 or image.height < 1:
                 entry["error"] = "zero-size image"
+                return entry
     except Exception as e:  # PIL raises many types for corrupt data; every one means "left out"
         entry["error"] = f"cannot decode: {e}".splitlines()[0]
+        return entry
+    entry["error"] = _dali_error(data)
     return entry
+
+
+def _dali_error(data: bytes) -> str | None:
+    """Why DALI's CPU decoder, the one the data loader runs, cannot decode `data` (None: it can).
+    PIL is lenient where DALI is not: a JPEG whose Huffman-table marker is damaged decodes in
+    PIL (libjpeg skips to the next marker and takes its standard tables) and stops DALI's
+    parser, which would stop a training run at that file, on every retry."""
+    import numpy as np
+
+    pipe = _dali_decoder()
+    try:
+        pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+        pipe.run()
+        return None
+    except Exception as e:
+        _dali_decoder.cache_clear()  # a DALI pipeline that failed once fails every later call
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0]
+        return f"cannot decode with DALI (the training loader's decoder): {reason}"
+
+
+@functools.cache
+def _dali_decoder():
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False)
+    def decode():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+    pipe = decode(prefetch_queue_depth=1)
+    pipe.build()
+    return pipe
 
 
 def _check_one(item: tuple[str, str]) -> tuple[str, dict]:

@@ -22,7 +22,15 @@ BROKEN = {
     "truncated": "train/checkerboard/odd_truncated.JPEG",
     "empty": "val/dots/odd_empty.JPEG",
     "garbage": "train/stripes-vertical/odd_garbage.JPEG",
+    "damaged marker": "train/dots/odd_damaged_marker.JPEG",  # PIL decodes it, DALI does not
 }
+
+
+def damaged_huffman_marker(jpeg: bytes) -> bytes:
+    """`jpeg` with the marker of its first Huffman table (FF C4) broken: libjpeg (PIL) skips to
+    the next marker and decodes with its standard tables; DALI's parser stops at it."""
+    at = jpeg.index(b"\xff\xc4")
+    return jpeg[:at] + b"\x3b" + jpeg[at + 1 :]
 
 
 def add_odd_files(root: Path) -> None:
@@ -36,6 +44,7 @@ def add_odd_files(root: Path) -> None:
     (root / BROKEN["truncated"]).write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
     (root / BROKEN["empty"]).write_bytes(b"")
     (root / BROKEN["garbage"]).write_bytes(b"this is not an image" * 50)
+    (root / BROKEN["damaged marker"]).write_bytes(damaged_huffman_marker(encoded.getvalue()))
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,8 @@ def test_prepare_keeps_odd_images_and_reports_broken_ones(prepared_dataset: Path
     for path in BROKEN.values():
         assert path in report
     assert f"left out: {len(BROKEN)} files" in report
+    damaged = next(line for line in report.splitlines() if BROKEN["damaged marker"] in line)
+    assert "cannot decode with DALI" in damaged, damaged
     assert len(index.files("train")) == 12 * len(CLASSES) + 2  # + grayscale and CMYK
     assert len(index.files("val")) == 5 * len(CLASSES) + 1  # + the PNG
 

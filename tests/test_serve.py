@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import small_job
+from conftest import damaged_huffman_marker, small_job
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -77,13 +77,6 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
         for name, body in files
     ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def damaged_huffman_marker(jpeg: bytes) -> bytes:
-    """`jpeg` with the marker of its first Huffman table (FF C4) broken: libjpeg (PIL) skips to
-    the next marker and decodes with its standard tables; DALI's parser stops at it."""
-    at = jpeg.index(b"\xff\xc4")
-    return jpeg[:at] + b"\x3b" + jpeg[at + 1 :]
 
 
 def _healthy(url: str) -> dict:
