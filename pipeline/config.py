@@ -113,7 +113,7 @@ class Run:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # NHWC: faster for tensor cores (about 1.2x for ResNet-50 with AMP) and for oneDNN's CPU
     # convolutions (ResNet-50 on 2 cores: training 1.33x at 224 px, 1.13x at 64 px; forward pass
-    # 1.38x; docs/benchmarks.md)
+    # 1.19x; docs/benchmarks.md)
     channels_last: bool = True
     log_every_steps: int = 10  # progress lines per worker-0 steps
     max_steps_per_epoch: int = 0  # 0: the whole epoch; >0 caps it (smoke tests)

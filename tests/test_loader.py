@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -211,9 +212,13 @@ def test_progressive_resizing_keeps_the_sample_order(job: Job, index: Index) -> 
     assert seen == expected
 
 
-def _a_large_op_starts_threads(op=lambda: torch.zeros(3, 512, 512).permute(1, 2, 0).contiguous()) -> bool:
+def _parallel_copy() -> None:  # an OpenMP op, large enough to run in parallel
+    torch.zeros(3, 512, 512).permute(1, 2, 0).contiguous()
+
+
+def _a_large_op_starts_threads(op: Callable[[], None] = _parallel_copy) -> bool:
     before = len(os.listdir("/proc/self/task"))
-    op()  # by default an OpenMP copy large enough to run in parallel
+    op()
     return len(os.listdir("/proc/self/task")) > before
 
 
@@ -221,18 +226,17 @@ def _matrix_product() -> None:  # MKL's, with a thread setting of its own beside
     torch.ones(512, 512) @ torch.ones(512, 512)
 
 
-@pytest.mark.parametrize("op", [None, _matrix_product], ids=["openmp-copy", "mkl-matrix-product"])
+@pytest.mark.parametrize("op", [_parallel_copy, _matrix_product], ids=["openmp-copy", "mkl-matrix-product"])
 def test_single_threaded_torch_keeps_a_helper_threads_ops_on_that_thread(op) -> None:
     """A Serve replica's forward pass ends in a matrix product: MKL started a team of 2 for it
     on a helper thread whose OpenMP setting was already 1."""
-    args = (op,) if op else ()
     saved = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with ThreadPoolExecutor(1) as plain:  # the probe sees a team start on an ordinary thread
-            assert plain.submit(_a_large_op_starts_threads, *args).result()
+            assert plain.submit(_a_large_op_starts_threads, op).result()
         with ThreadPoolExecutor(1, initializer=system.single_threaded_torch) as helper:
-            assert not helper.submit(_a_large_op_starts_threads, *args).result()
+            assert not helper.submit(_a_large_op_starts_threads, op).result()
     finally:
         torch.set_num_threads(saved)
 
