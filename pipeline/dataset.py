@@ -94,19 +94,13 @@ def check_file(path: str) -> dict:
 
 
 def _dali_error(data: bytes) -> str | None:
-    """Why DALI's CPU decoder, the one the data loader runs, cannot decode `data` (None: it can).
-    PIL is lenient where DALI is not: a JPEG whose Huffman-table marker is damaged decodes in
-    PIL (libjpeg skips to the next marker and takes its standard tables) and stops DALI's
-    parser, which would stop a training run at that file, on every retry."""
-    import numpy as np
-
-    pipe = _dali_decoder()
+    """Why DALI's CPU decoder, the one the loaders run, cannot decode `data` (None: it can).
+    PIL is more lenient (`pipeline.loader.FedPipeline` says where); such a file would stop a
+    training run, on every retry."""
     try:
-        pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
-        pipe.run()
+        _dali_decoder()([data])
         return None
     except Exception as e:
-        _dali_decoder.cache_clear()  # a DALI pipeline that failed once fails every later call
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0]
         return f"cannot decode with DALI (the training loader's decoder): {reason}"
@@ -114,16 +108,14 @@ def _dali_error(data: bytes) -> str | None:
 
 @functools.cache
 def _dali_decoder():
-    from nvidia.dali import fn, pipeline_def, types
+    from pipeline.loader import FedPipeline, decode_pipeline  # the loader imports this module
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False)
-    def decode():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-
-    pipe = decode(prefetch_queue_depth=1)
-    pipe.build()
-    return pipe
+    return FedPipeline(
+        functools.partial(
+            decode_pipeline, batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1,
+            exec_async=False, exec_pipelined=False,
+        )
+    )  # fmt: skip
 
 
 def _check_one(item: tuple[str, str]) -> tuple[str, dict]:

@@ -9,6 +9,7 @@ transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
     answers = [prediction(loaded, row, top_k=5) for row in loaded.probabilities(preprocess([body]))]
 """
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,47 +119,31 @@ class Loaded:
 
 
 class Preprocess:
-    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images.
-
-    An image DALI cannot decode raises, and leaves DALI's pipeline unusable ("Current pipeline
-    object is no longer valid"): every later call would fail too. So a failed call builds a new
-    pipeline before it raises. Such images exist: a JPEG whose Huffman-table marker is damaged
-    passes PIL's full decode (libjpeg skips to the next marker and uses its standard tables),
-    while DALI's parser rejects it."""
+    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images. An image
+    DALI cannot decode raises; the next call runs on a new pipeline (`pipeline.loader.FedPipeline`)."""
 
     def __init__(self, job, max_batch: int, device: torch.device, threads: int):
+        from pipeline.loader import FedPipeline, serve_pipeline
+
         self.device = device
-        self.settings = (job.data, max_batch, threads)
-        self.pipe = self._build()
-
-    def _build(self):
-        from pipeline.loader import serve_pipeline
-
-        data, max_batch, threads = self.settings
-        gpu = self.device.type == "cuda"
-        pipe = serve_pipeline(
-            data=data,
-            gpu=gpu,
-            threads=threads,
-            batch_size=max_batch,
-            num_threads=threads,
-            device_id=self.device.index or 0 if gpu else None,
-            prefetch_queue_depth=1,
-            exec_async=False,
-            exec_pipelined=False,
+        gpu = device.type == "cuda"
+        self.pipe = FedPipeline(
+            functools.partial(
+                serve_pipeline,
+                data=job.data,
+                gpu=gpu,
+                threads=threads,
+                batch_size=max_batch,
+                num_threads=threads,
+                device_id=device.index or 0 if gpu else None,
+                prefetch_queue_depth=1,
+                exec_async=False,
+                exec_pipelined=False,
+            )
         )
-        pipe.build()
-        return pipe
 
     def __call__(self, encoded: list[bytes]) -> torch.Tensor:
-        from pipeline.loader import SERVE_INPUT
-
-        try:
-            self.pipe.feed_input(SERVE_INPUT, [np.frombuffer(b, dtype=np.uint8) for b in encoded])
-            (images,) = self.pipe.run()
-        except Exception:
-            self.pipe = self._build()
-            raise
+        (images,) = self.pipe(encoded)
         return torch.from_numpy(np.array(images.as_cpu().as_tensor())).to(self.device)
 
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import do_not_convert
+from nvidia.dali.pipeline import Pipeline, do_not_convert
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from torch.utils.dlpack import from_dlpack, to_dlpack
@@ -35,7 +36,7 @@ from pipeline.dataset import Index
 from pipeline.shards import read_shards
 
 READER = "reader"
-SERVE_INPUT = "encoded"  # serve_pipeline's input: a batch of encoded images, one uint8 array each
+ENCODED_INPUT = "encoded"  # the input of pipelines fed from Python: encoded images, one uint8 array each
 
 
 def _read(
@@ -183,10 +184,49 @@ def val_pipeline(
 
 @pipeline_def
 def serve_pipeline(data: Data, gpu: bool, threads: int):
-    """The evaluation transform over encoded images fed in by the caller (`SERVE_INPUT`): what
+    """The evaluation transform over encoded images fed in by the caller (`ENCODED_INPUT`): what
     the Serve deployment (deploy/serve_app.py) runs on each batch of requests."""
-    encoded = fn.external_source(name=SERVE_INPUT, dtype=types.UINT8, ndim=1)
+    encoded = fn.external_source(name=ENCODED_INPUT, dtype=types.UINT8, ndim=1)
     return eval_transform(encoded, data, gpu, threads)
+
+
+@pipeline_def
+def decode_pipeline():
+    """Decoding alone, on the CPU, with the decoder the loaders use: `data prepare`'s check."""
+    encoded = fn.external_source(name=ENCODED_INPUT, dtype=types.UINT8, ndim=1)
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+
+class FedPipeline:
+    """A pipeline fed from Python (`ENCODED_INPUT`) that builds itself anew when a run fails.
+
+    DALI leaves a pipeline that failed unusable ("Current pipeline object is no longer valid"),
+    so one image it cannot decode would fail every later call. Such images pass PIL: a JPEG
+    whose Huffman-table marker is damaged decodes there (libjpeg skips to the next marker and
+    takes its standard tables) and stops DALI's parser.
+
+    Args:
+        new_pipeline: returns the pipeline, not yet built (a `pipeline_def` function with its
+            arguments bound).
+    """
+
+    def __init__(self, new_pipeline: Callable[[], Pipeline]):
+        self.new_pipeline = new_pipeline
+        self.pipe = self._built()
+
+    def _built(self) -> Pipeline:
+        pipe = self.new_pipeline()
+        pipe.build()
+        return pipe
+
+    def __call__(self, encoded: list[bytes]) -> tuple:
+        """The pipeline's outputs for one batch of encoded images."""
+        try:
+            self.pipe.feed_input(ENCODED_INPUT, [np.frombuffer(b, dtype=np.uint8) for b in encoded])
+            return self.pipe.run()
+        except Exception:
+            self.pipe = self._built()
+            raise
 
 
 def eval_transform(encoded, data: Data, gpu: bool, threads: int):
