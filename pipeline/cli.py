@@ -37,9 +37,7 @@ def jobs(ctx: click.Context) -> None:
         counts = job.scaling.worker_counts
         workers = f"{counts[0]}-{counts[-1] if len(counts) > 1 else counts[0]} x {device}"
         rows.append((name, job.model.arch, job.dataset, str(job.epochs), workers))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_table(rows)
 
 
 @jobs.command("show")
