@@ -49,7 +49,7 @@ def bench_train(root: Path, steps: int, batch: int, crop_px: int) -> None:
     check_prepared(root)
     results = run(root, steps, batch, crop_px)
     _print_ratios(results, "training", "x bare loop")
-    one, two = results[1].images_per_s, results[2].images_per_s
+    one, two = results[-2].images_per_s, results[-1].images_per_s
     click.echo(f"2 DDP workers against 1 worker: {two / one:.3f}x the images/s on the same cores")
 
 

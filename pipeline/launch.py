@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -16,7 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline import checkpoint, tracking
+from pipeline import checkpoint, system, tracking
 from pipeline.config import Job, to_dict
 from pipeline.dataset import Index, load_index
 from pipeline.progress import Board, ProgressBar
@@ -164,3 +166,28 @@ def _record_hardware(run_id: str) -> None:
     nodes = len([node for node in ray.nodes() if node["Alive"]])
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     tracking.record_hardware(run_id, nodes, cpus, gpus, ",".join(gpu_kinds))
+
+
+def fit_function(function: Callable[..., dict[str, float]], args: tuple, cpus: int, storage: Path) -> dict:
+    """Runs `function(*args)` as the training function of a one-worker Ray Train run on `cpus`
+    CPUs, set up as the pipeline's workers are (malloc settings, GIL switch interval), and returns
+    the metrics it returns. Benchmarks use it to measure what Ray Train itself costs a loop."""
+    connect(None)
+    trainer = TorchTrainer(
+        _report_function,
+        train_loop_config={"function": function, "args": args},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(
+            name="fit-function",
+            storage_path=str(storage),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return dict(trainer.fit().metrics)
+
+
+def _report_function(config: dict) -> None:
+    system.quick_gil_handoffs()  # as pipeline.train.train_loop_per_worker
+    metrics = config["function"](*config["args"])
+    with tempfile.TemporaryDirectory() as folder:  # Ray Train V2 keeps the metrics of checkpoints only
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

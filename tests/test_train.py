@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 
 from pipeline import checkpoint
 from pipeline.dataset import load_index
-from pipeline.launch import FAULT_ENV, submit
+from pipeline.launch import FAULT_ENV, fit_function, submit
+from pipeline.system import GIL_SWITCH_INTERVAL_S
 from pipeline.tracking import tracking_uri
 
 pytestmark = pytest.mark.ray
@@ -137,3 +139,20 @@ def test_the_driver_draws_a_live_progress_bar(ray_session, prepared_dataset, wor
     drawn = terminal.getvalue()
     assert "epoch 1/1" in drawn and "3/3 steps" in drawn
     assert all(part in drawn for part in ("loss ", " images/s", "data wait ", "ETA "))
+
+
+def test_fit_function_returns_the_metrics_a_ray_train_worker_computed(ray_session, tmp_path) -> None:
+    # what bench train's "the same loop as a Ray Train function" row stands on
+    def probe(scale: float) -> dict:
+        import sys
+
+        import ray.train
+
+        context = ray.train.get_context()
+        return {"value": 2 * scale, "world": context.get_world_size(), "pid": os.getpid(),
+                "switch_interval": sys.getswitchinterval()}  # fmt: skip
+
+    metrics = fit_function(probe, (1.5,), cpus=1, storage=tmp_path)
+    assert metrics["value"] == 3.0 and metrics["world"] == 1
+    assert metrics["pid"] != os.getpid()  # a worker process, not the driver
+    assert metrics["switch_interval"] == GIL_SWITCH_INTERVAL_S  # set up as the pipeline's workers are
