@@ -5,7 +5,8 @@ The model is a registered version: MODEL@ALIAS or MODEL/VERSION from the user's 
 default a freshly initialised ResNet-50 registered in a temporary store with imagenet-r50's
 evaluation transform (resize 256, center crop 224), so that the figures are the 224 px ones.
 Both servers get the same JPEGs, one image per request, from `clients` concurrent clients on
-loopback for `seconds` after a warm-up; requests/s counts answered requests (status 200).
+loopback for `seconds` after a warm-up; requests/s counts answered requests (status 200). The
+deployment's health endpoint, driven the same way, shows what the serving path alone allows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Row:
     p50_ms: float | None = None
     p99_ms: float | None = None
     failed: int = 0
+    against_ceiling: bool = True  # False: a measure of the serving path, not of serving the model
 
 
 def _free_port() -> int:
@@ -88,17 +90,21 @@ def drive(send: Callable[[bytes], int], images: list[bytes], clients: int, secon
 
 
 class _Connections:
-    """POSTs over one kept-alive HTTP/1.1 connection per client thread, as load generators
+    """Requests over one kept-alive HTTP/1.1 connection per client thread, as load generators
     (wrk, hey, locust) do: a new TCP connection per request would cost the server and the
     clients, on the same cores, more than the request itself."""
 
-    def __init__(self, url: str, content_type: str):
+    def __init__(self, url: str, content_type: str | None = None):
         parts = urllib.parse.urlsplit(url)
         self.host, self.port, self.path = parts.hostname, parts.port, parts.path
-        self.headers = {"Content-Type": content_type}
+        self.headers = {"Content-Type": content_type} if content_type else {}
         self.local = threading.local()
 
-    def post(self, body: bytes) -> int:
+    def get(self, _image: bytes) -> int:
+        return self.post(None)
+
+    def post(self, body: bytes | None) -> int:
+        """POST `body`, or GET when it is None; the answer's status (0: no answer)."""
         for _ in range(2):  # a connection the server closed meanwhile: once more on a new one
             connection = getattr(self.local, "connection", None)
             if connection is None:
@@ -106,7 +112,7 @@ class _Connections:
                     self.host, self.port, timeout=120
                 )
             try:
-                connection.request("POST", self.path, body, self.headers)
+                connection.request("GET" if body is None else "POST", self.path, body, self.headers)
                 answer = connection.getresponse()
                 answer.read()
                 if answer.will_close:
@@ -167,7 +173,9 @@ def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, r
 
 def _resnet_pipe(
     model: str, images: list[bytes], clients: int, seconds: float, batch: int, wait_ms: float
-) -> Row:
+) -> list[Row]:
+    """The deployment answering images; then its health endpoint, the same way: the requests/s
+    that Ray Serve's proxy, the replica's web app and the clients alone allow on these cores."""
     import ray
     from ray import serve
 
@@ -181,12 +189,14 @@ def _resnet_pipe(
     url = serving.start(settings, port=_free_port())
     try:
         row = drive(_Connections(f"{url}/predict", "image/jpeg").post, images, clients, seconds)
+        bare = drive(_Connections(f"{url}/health").get, images, clients, seconds)
     finally:
         serve.shutdown()
         ray.shutdown()
-    return Row(
-        f"resnet-pipe deploy (Ray Serve, batch {batch})", row.per_s, row.p50_ms, row.p99_ms, row.failed
-    )
+    return [
+        Row(f"resnet-pipe deploy (Ray Serve, batch {batch})", row.per_s, row.p50_ms, row.p99_ms, row.failed),
+        Row("its GET /health (no image, no model)", bare.per_s, bare.p50_ms, bare.p99_ms, bare.failed, False),
+    ]
 
 
 def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float) -> Row:
@@ -233,8 +243,8 @@ def bench_serve(
     batch: int = 8,
     wait_ms: float = 20.0,
 ) -> list[Row]:
-    """The raw forward pass (the ceiling), the replica's forward pass, resnet-pipe, mlflow
-    models serve: one row each, in that order. `root`: a
+    """The raw forward pass (the ceiling), the replica's forward pass, resnet-pipe, its health
+    endpoint, mlflow models serve: one row each, in that order. `root`: a
     prepared dataset (the bench model's classes); `images_from`: the JPEGs to send (default:
     those of `root`)."""
     root = root.resolve()  # the bench works in a folder of its own
@@ -256,7 +266,7 @@ def bench_serve(
             rows = [
                 in_worker_process(_forward_pass, model, images, batch, seconds, raw) for raw in (True, False)
             ]
-            rows.append(_resnet_pipe(model, images, clients, seconds, batch, wait_ms))
+            rows.extend(_resnet_pipe(model, images, clients, seconds, batch, wait_ms))
             rows.append(_mlflow_serve(model, images, clients, seconds))
         finally:
             os.chdir(saved_cwd)

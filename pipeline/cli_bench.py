@@ -93,7 +93,9 @@ def bench_serve(
             row.name, f"{row.per_s:.2f}",
             f"{row.p50_ms:.0f}" if row.p50_ms is not None else "-",
             f"{row.p99_ms:.0f}" if row.p99_ms is not None else "-",
-            str(row.failed), f"{row.per_s / rows[0].per_s:.3f}", f"{row.per_s / rows[-1].per_s:.2f}",
+            str(row.failed),
+            f"{row.per_s / rows[0].per_s:.3f}" if row.against_ceiling else "-",
+            f"{row.per_s / rows[-1].per_s:.2f}" if row.against_ceiling else "-",
         ))  # fmt: skip
     print_table(table)
 
