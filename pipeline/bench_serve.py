@@ -100,11 +100,15 @@ class _Connections:
         self.headers = {"Content-Type": content_type} if content_type else {}
         self.local = threading.local()
 
-    def get(self, _image: bytes) -> int:
-        return self.post(None)
+    def post(self, body: bytes) -> int:
+        return self._request("POST", body)
 
-    def post(self, body: bytes | None) -> int:
-        """POST `body`, or GET when it is None; the answer's status (0: no answer)."""
+    def get(self, _image: bytes) -> int:
+        """A GET of the URL, called the way `drive` calls `post` (with an image, not sent)."""
+        return self._request("GET", None)
+
+    def _request(self, method: str, body: bytes | None) -> int:
+        """The answer's status (0: no answer)."""
         for _ in range(2):  # a connection the server closed meanwhile: once more on a new one
             connection = getattr(self.local, "connection", None)
             if connection is None:
@@ -112,7 +116,7 @@ class _Connections:
                     self.host, self.port, timeout=120
                 )
             try:
-                connection.request("GET" if body is None else "POST", self.path, body, self.headers)
+                connection.request(method, self.path, body, self.headers)
                 answer = connection.getresponse()
                 answer.read()
                 if answer.will_close:
