@@ -69,7 +69,10 @@ def ray_session():
     """One local Ray for the whole session (it takes about 10 s to start on 2 cores)."""
     import ray
 
+    from pipeline.launch import LOCAL_RAY_ENV
+
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(LOCAL_RAY_ENV)  # Ray Serve behind HAProxy, as `pipeline.launch.connect` starts it
     ray.init(address="local", num_cpus=2, log_to_driver=True)  # a new cluster, whatever else runs here
     yield ray
     ray.shutdown()

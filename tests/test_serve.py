@@ -220,6 +220,22 @@ def test_a_promotion_mid_stream_switches_versions_without_failing_a_request(serv
     assert _healthy(url)["version"] == "2"
 
 
+def test_the_port_is_haproxys_in_front_of_replicas_that_answer_http(served) -> None:
+    # Ray Serve's HAProxy mode (pipeline.launch.LOCAL_RAY_ENV), not its Python proxy, which relays
+    # each request and its body to the replica through Ray calls
+    import psutil
+
+    url, _, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    listening = {
+        c.laddr.port: (psutil.Process(c.pid).name(), c.laddr.ip)
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid
+    }
+    assert listening[port] == ("haproxy", "127.0.0.1")  # loopback, as deploy's --host defaults
+    assert _healthy(url)["status"] == "ok"
+
+
 def test_the_cluster_config_builds_the_same_app() -> None:
     import yaml
     from ray.serve.schema import ServeDeploySchema
