@@ -52,7 +52,8 @@ class Outcome:
 
 
 def connect(address: str | None) -> None:
-    """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one."""
+    """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one with
+    LOCAL_RAY_ENV."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
