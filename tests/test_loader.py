@@ -216,7 +216,7 @@ def _parallel_copy() -> None:  # an OpenMP op, large enough to run in parallel
     torch.zeros(3, 512, 512).permute(1, 2, 0).contiguous()
 
 
-def _a_large_op_starts_threads(op: Callable[[], None]) -> bool:
+def _a_large_op_starts_threads(op: Callable[[], None] = _parallel_copy) -> bool:
     before = len(os.listdir("/proc/self/task"))
     op()
     return len(os.listdir("/proc/self/task")) > before
