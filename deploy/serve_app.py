@@ -115,9 +115,10 @@ class Classifier:
     def _load(self, name: str, version: str) -> tuple[Loaded, Preprocess]:
         loaded = Loaded.from_registry(name, version, self.device)
         preprocess = Preprocess(loaded.job, self.settings.max_batch_size, self.device, self.threads)
+        compiled = self.settings.compile and loaded.compile(self.settings.max_batch_size, self.threads)
         with torch.inference_mode():  # the first calls pay for allocation, not a request
             loaded.probabilities(preprocess([warmup_image()] * self.settings.max_batch_size))
-        log.info(f"serving {name} version {version}")
+        log.info(f"serving {name} version {version}{', compiled' if compiled else ''}")
         return loaded, preprocess
 
     def _follow_alias(self) -> None:
@@ -140,7 +141,10 @@ class Classifier:
         loaded, _ = self.current
         return {"status": "ok", "model": loaded.name, "version": loaded.version, "alias": self.alias}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Two batches at once: while one runs on the forward thread, the next is formed and queued
+    # behind it, so the thread starts it without waiting on the event loop (which took 5 ms of
+    # each 117 ms batch of 4 on 2 cores).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
     async def classify(self, images: list[bytes]) -> list[dict | BadImage]:
         return await asyncio.get_running_loop().run_in_executor(self._forward, self._classify, images)
 

@@ -157,13 +157,15 @@ def _bench_model(root: Path) -> str:
 
 def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, raw: bool) -> Row:
     """The model's batched forward pass over already-preprocessed images, all cores: `raw`, in
-    PyTorch's default memory format (the ceiling); else as the replica runs it."""
+    PyTorch's default memory format, eager (the ceiling); else as the replica runs it (in its
+    memory format, compiled)."""
     from pipeline.inference import Loaded, Preprocess
 
     name, _, version = model.partition("/")
     loaded = Loaded.from_registry(name, version, torch.device("cpu"), raw=raw)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    compiled = not raw and loaded.compile(batch, threads)
     inputs = Preprocess(loaded.job, batch, torch.device("cpu"), threads)((images * batch)[:batch])
     with torch.inference_mode():
         loaded.probabilities(inputs)  # warm-up
@@ -171,7 +173,10 @@ def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, r
         while time.perf_counter() - began < seconds:
             loaded.probabilities(inputs)
             done += batch
-    kind = "raw forward pass (ceiling)" if raw else "the replica's forward pass (channels_last)"
+    traits = [trait for trait, on in (("channels_last", loaded.channels_last), ("compiled", compiled)) if on]
+    kind = f"the replica's forward pass ({', '.join(traits) or 'eager'})"
+    if raw:
+        kind = "raw forward pass (ceiling)"
     return Row(f"{kind}, batch {batch}", done / (time.perf_counter() - began))
 
 

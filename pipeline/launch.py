@@ -35,9 +35,12 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": 
 # front of replicas that answer HTTP themselves, instead of Serve's Python proxy, which relays
 # every request to the replica and its body back through Ray calls. On 2 cores, `resnet-pipe bench
 # serve` went from 0.68-0.74 of the raw forward pass to 0.77-0.93, and an empty GET from 480-510
-# requests/s to 2,100-2,600 (docs/benchmarks.md). Serve's controller and replicas read it when
-# they start; set in the environment, the user's value wins.
-LOCAL_RAY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# requests/s to 2,100-2,600 (docs/benchmarks.md). In this mode a replica that stops (the app
+# deleted, a scale-down) keeps answering for a drain period, 30 s by default so that a cloud
+# load balancer can take it out of rotation; the HAProxy of a Ray we start is on the same
+# machine and told at once: 2 s (deleting the app took 31 s, now 3). Serve's controller and
+# replicas read these when they start; set in the environment, the user's values win.
+LOCAL_RAY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
 KILL_ENV = "RESNET_PIPE_KILL_AT_STEP"  # test hook: the last rank kills its process there, once
 

@@ -39,6 +39,7 @@ class Settings:
     gpus_per_replica: float = 0.0
     max_batch_size: int = 8
     batch_wait_ms: float = 20.0  # how long a batch waits to fill
+    compile: bool = True  # torch.compile each version's forward pass as it loads (Loaded.compile)
     max_ongoing_requests: int = 32  # per replica; beyond it requests queue ...
     max_queued_requests: int = 64  # ... and beyond this the proxy answers 503 at once
     max_body_bytes: int = 20 * 2**20
