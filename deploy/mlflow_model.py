@@ -36,7 +36,8 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         self.classes = [row.split("\t") for row in rows]  # index, wnid, name
         self.model = timm.create_model(job.model.arch, num_classes=len(self.classes))
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
-        self.model.eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
         data = job.data
         self.transform = T.Compose([
             T.PILToTensor(),
@@ -49,7 +50,7 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         batch = torch.stack([self._decode(b) for b in model_input["image"]])
         with torch.inference_mode():
-            probabilities = self.model(batch).softmax(dim=1)
+            probabilities = self.model(batch.to(self.device)).softmax(dim=1).cpu()
         top = probabilities.topk(min(TOP_K, probabilities.shape[1]), dim=1)
         rows = []
         for values, indices in zip(top.values.tolist(), top.indices.tolist()):

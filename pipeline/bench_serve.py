@@ -7,6 +7,8 @@ evaluation transform (resize 256, center crop 224), so that the figures are the 
 Both servers get the same JPEGs, one image per request, from `clients` concurrent clients on
 loopback for `seconds` after a warm-up; requests/s counts answered requests (status 200). The
 deployment's health endpoint, driven the same way, shows what the serving path alone allows.
+On a machine with a GPU the same command serves on it (the replica, both forward passes and
+MLflow's model); there the batch size decides the throughput: give `clients` at least twice it.
 """
 
 from __future__ import annotations
@@ -155,18 +157,24 @@ def _bench_model(root: Path) -> str:
     return f"{version.name}/{version.version}"
 
 
+def _device() -> torch.device:
+    """Where the replica serves: its GPU when there is one (`resnet-pipe deploy`'s default)."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, raw: bool) -> Row:
-    """The model's batched forward pass over already-preprocessed images, all cores: `raw`, in
-    PyTorch's default memory format, eager (the ceiling); else as the replica runs it (in its
-    memory format, compiled)."""
+    """The model's batched forward pass over already-preprocessed images, all cores (or the
+    GPU): `raw`, in PyTorch's default memory format, eager (the ceiling); else as the replica
+    runs it (in its memory format, compiled)."""
     from pipeline.inference import Loaded, Preprocess
 
     name, _, version = model.partition("/")
-    loaded = Loaded.from_registry(name, version, torch.device("cpu"), raw=raw)
+    device = _device()
+    loaded = Loaded.from_registry(name, version, device, raw=raw)
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     compiled = not raw and loaded.compile(batch, threads)
-    inputs = Preprocess(loaded.job, batch, torch.device("cpu"), threads)((images * batch)[:batch])
+    inputs = Preprocess(loaded.job, batch, device, threads)((images * batch)[:batch])
     with torch.inference_mode():
         loaded.probabilities(inputs)  # warm-up
         done, began = 0, time.perf_counter()
@@ -192,7 +200,8 @@ def _resnet_pipe(
 
     cores = len(os.sched_getaffinity(0))
     settings = serving.Settings(
-        model=model, cpus_per_replica=cores, max_batch_size=batch, batch_wait_ms=wait_ms,
+        model=model, cpus_per_replica=cores, gpus_per_replica=float(_device().type == "cuda"),
+        max_batch_size=batch, batch_wait_ms=wait_ms,
         max_ongoing_requests=4 * clients, max_queued_requests=4 * clients,
     )  # fmt: skip
     url = serving.start(settings, port=_free_port())
