@@ -14,7 +14,7 @@ import functools
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,7 @@ class Loaded:
     device: torch.device
     channels_last: bool
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model, eager
-    sizes: tuple[int, ...] = field(default=())  # the batch sizes `forward` was compiled for
+    sizes: tuple[int, ...] = ()  # the batch sizes `forward` was compiled for
 
     @classmethod
     def from_registry(cls, name: str, version: str, device: torch.device, raw: bool = False) -> "Loaded":
@@ -129,6 +129,8 @@ class Loaded:
             self.model, dynamic=False, options={"freezing": True, "cpp.threads": threads}
         )  # fmt: skip
         sizes = padded_sizes(max_batch)
+        dynamo = torch._dynamo.config  # each size is a compiled entry of its own
+        dynamo.recompile_limit = max(dynamo.recompile_limit, len(sizes))
         crop = self.job.data.val_crop_px
         try:
             for size in sizes:  # every size compiles here, in its own guard of the graph
@@ -146,8 +148,9 @@ class Loaded:
         size = next((s for s in self.sizes if s >= count), None)
         if size is None:  # not compiled, or a batch beyond the compiled sizes
             return self._forward(self.model, batch)
-        padding = batch.new_zeros(size - count, *batch.shape[1:])
-        return self._forward(self.forward, torch.cat([batch, padding]))[:count]
+        if size > count:
+            batch = torch.cat([batch, batch.new_zeros(size - count, *batch.shape[1:])])
+        return self._forward(self.forward, batch)[:count]
 
     def _forward(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
