@@ -181,10 +181,11 @@ def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, r
         while time.perf_counter() - began < seconds:
             loaded.probabilities(inputs)
             done += batch
-    traits = [trait for trait, on in (("channels_last", loaded.channels_last), ("compiled", compiled)) if on]
-    kind = f"the replica's forward pass ({', '.join(traits) or 'eager'})"
     if raw:
         kind = "raw forward pass (ceiling)"
+    else:
+        traits = [t for t, on in (("channels_last", loaded.channels_last), ("compiled", compiled)) if on]
+        kind = f"the replica's forward pass ({', '.join(traits) or 'eager'})"
     return Row(f"{kind}, batch {batch}", done / (time.perf_counter() - began))
 
 
