@@ -30,7 +30,8 @@ def head(tmp_path_factory: pytest.TempPathFactory):
 
     port, dashboard = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "PATH": f"{BIN}:{os.environ['PATH']}"
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stopped at once: its 30 s drain is for pods
     }
     process = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
