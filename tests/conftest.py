@@ -69,11 +69,10 @@ def ray_session():
     """One local Ray for the whole session (it takes about 10 s to start on 2 cores)."""
     import ray
 
-    from pipeline.launch import LOCAL_RAY_ENV
+    from pipeline.launch import start_local_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.update(LOCAL_RAY_ENV)  # Ray Serve behind HAProxy, as `pipeline.launch.connect` starts it
-    ray.init(address="local", num_cpus=2, log_to_driver=True)  # a new cluster, whatever else runs here
+    start_local_ray({}, num_cpus=2, log_to_driver=True)  # as `pipeline.launch.connect`, on 2 CPUs
     yield ray
     ray.shutdown()
 

@@ -33,7 +33,10 @@ def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    # Ray Train's State API calls find this cluster's dashboard, not `ray start`'s last address
+    # (pipeline.launch.start_local_ray)
+    dashboard = {"RAY_API_SERVER_ADDRESS": f"http://{cluster.head_node.webui_url}"}
+    ray.init(address=cluster.address, runtime_env={"env_vars": dashboard})
     yield cluster, second
     ray.shutdown()
     cluster.shutdown()
