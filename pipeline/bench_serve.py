@@ -17,7 +17,6 @@ import base64
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import torch
 
 from pipeline.bench import in_worker_process
 from pipeline.layouts import IMAGE_SUFFIXES
+from pipeline.system import free_port
 from pipeline.tracking import tracking_uri
 
 
@@ -44,12 +44,6 @@ class Row:
     p99_ms: float | None = None
     failed: int = 0
     against_ceiling: bool = True  # False: a measure of the serving path, not of serving the model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drive(send: Callable[[bytes], int], images: list[bytes], clients: int, seconds: float) -> Row:
@@ -205,7 +199,7 @@ def _resnet_pipe(
         max_batch_size=batch, batch_wait_ms=wait_ms,
         max_ongoing_requests=4 * clients, max_queued_requests=4 * clients,
     )  # fmt: skip
-    url = serving.start(settings, port=_free_port())
+    url = serving.start(settings, port=free_port())
     try:
         row = drive(_Connections(f"{url}/predict", "image/jpeg").post, images, clients, seconds)
         bare = drive(_Connections(f"{url}/health").get, images, clients, seconds)
@@ -221,7 +215,7 @@ def _resnet_pipe(
 def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float) -> Row:
     from pipeline import serving
 
-    port = _free_port()
+    port = free_port()
     log = tempfile.TemporaryFile()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model}",

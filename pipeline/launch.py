@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,16 +78,20 @@ def start_local_ray(env_vars: dict[str, str], **init_args) -> None:
     Train run waited 12 s more at its end, on a GCS that never answered)."""
     for key, value in LOCAL_RAY_ENV.items():  # Ray's processes start with the driver's environment
         os.environ.setdefault(key, value)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = system.free_port()
     ray.init(
         address="local",
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        runtime_env={"env_vars": env_vars | {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        runtime_env={"env_vars": env_vars | state_api_env(f"127.0.0.1:{port}")},
         **init_args,
     )
+
+
+def state_api_env(dashboard: str) -> dict[str, str]:
+    """The environment in which Ray's State API, in a cluster's workers, finds that cluster's
+    dashboard (`host:port`) rather than the address `ray start` last wrote (start_local_ray)."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://{dashboard}"}
 
 
 def submit(

@@ -5,13 +5,14 @@ CPU and memory use of the node, the worker's resident memory, and its GPU's memo
     per_node(samples) # on rank 0: {"system/<node ip>/cpu_percent": ..., ...}, one set per node
 
 And how the threads of a process share its cores: `quick_gil_handoffs()` for the process,
-`single_threaded_torch()` for a helper thread.
+`single_threaded_torch()` for a helper thread; `free_port()` for a server on this machine.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import socket
 import sys
 from pathlib import Path
 
@@ -64,6 +65,13 @@ def quick_gil_handoffs() -> None:
     waits up to the interval. Measured with `resnet-pipe bench train`: 0.79-0.82 of the bare
     loop with the default, 0.85-0.86 with 0.5 ms (docs/benchmarks.md)."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def single_threaded_torch() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,10 @@ from pathlib import Path
 import pytest
 from test_cli import cli
 
+from pipeline.system import free_port
+
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +23,7 @@ def head(tmp_path_factory: pytest.TempPathFactory):
     """A Ray head on 127.0.0.1 only, its job server on a free port; stopped with the module."""
     from pipeline.cluster import client
 
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stopped at once: its 30 s drain is for pods

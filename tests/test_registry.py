@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.dataset import load_index
 from pipeline.launch import submit
 from pipeline.serving import wait_until_up
+from pipeline.system import free_port
 from pipeline.tracking import registry
 
 pytestmark = pytest.mark.ray
@@ -48,9 +48,7 @@ class Server:
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             "auth_cache_ttl_seconds = 600\n"  # else every request pays a PBKDF2 hash
         )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from pipeline.dataset import load_index
 from pipeline.launch import submit
 from pipeline.loader import build_loader
 from pipeline.serving import TOKEN_ENV, Settings
+from pipeline.system import free_port
 from pipeline.tracking import registry
 
 pytestmark = pytest.mark.ray
@@ -50,9 +50,7 @@ def served(ray_session, prepared_dataset: Path, tmp_path_factory: pytest.TempPat
         run = submit(job, "served")
         assert run.finished, run.error
         registry.promote("served")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         settings = Settings(
             model="resnet50@champion", cpus_per_replica=1, max_batch_size=4, batch_wait_ms=10,
             max_ongoing_requests=4, max_queued_requests=4, max_body_bytes=2 * 2**20, max_pixels=4_000_000,

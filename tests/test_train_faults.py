@@ -15,7 +15,7 @@ from conftest import small_job
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint
-from pipeline.launch import KILL_ENV, submit
+from pipeline.launch import KILL_ENV, state_api_env, submit
 from pipeline.tracking import tracking_uri
 
 pytestmark = pytest.mark.ray
@@ -33,10 +33,7 @@ def two_nodes():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    # Ray Train's State API calls find this cluster's dashboard, not `ray start`'s last address
-    # (pipeline.launch.start_local_ray)
-    dashboard = {"RAY_API_SERVER_ADDRESS": f"http://{cluster.head_node.webui_url}"}
-    ray.init(address=cluster.address, runtime_env={"env_vars": dashboard})
+    ray.init(address=cluster.address, runtime_env={"env_vars": state_api_env(cluster.head_node.webui_url)})
     yield cluster, second
     ray.shutdown()
     cluster.shutdown()
