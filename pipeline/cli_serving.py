@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -99,17 +100,30 @@ def deploy(
         batch_wait_ms=batch_wait_ms,
         compile=compile_model,
     )
-    url = serving.start(settings, host, port, address)
+    try:
+        url = serving.start(settings, host, port, address)
+    except serving.ServeError as e:
+        fail(str(e))
     following = f", following {version.name}@{alias}" if alias else ""
     click.echo(f"serving {version.name} version {version.version}{following} at {url}")
     click.echo(
-        f"  POST {url}/predict (an image), {url}/predict/batch (a form); API: {url}/docs; Ctrl-C stops"
+        f"  POST {url}/predict (an image), {url}/predict/batch (a form); API: {url}/docs; "
+        "Ctrl-C or SIGTERM stops"
     )
+    # A service manager (systemd, Kubernetes, `docker stop`) stops with SIGTERM: the same clean
+    # stop as Ctrl-C, instead of Ray's handler printing a stack trace as the process dies
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             threading.Event().wait(3600)
     except KeyboardInterrupt:
-        serving.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        serving.stop(address)
+        click.echo("stopped")
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @click.command()

@@ -10,6 +10,7 @@ import importlib
 import json
 import mimetypes
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -66,6 +67,9 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     from pipeline import tracking
     from pipeline.launch import connect
 
+    local = (address or os.environ.get("RAY_ADDRESS")) is None  # a Ray of our own, on this machine
+    if local:
+        check_port_free(host, port)
     connect(address)
     settings = replace(
         settings,
@@ -77,10 +81,39 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     return f"http://{host}:{port}"
 
 
-def stop() -> None:
+def stop(address: str | None = None) -> None:
+    """Takes the app down; on a Ray of our own, all of Serve, so that its HAProxy stops too
+    (HAProxy outlives a Ray that dies under it, still holding the port)."""
     from ray import serve
 
-    serve.delete(APP_NAME)
+    if (address or os.environ.get("RAY_ADDRESS")) is None:
+        serve.shutdown()
+    else:
+        serve.delete(APP_NAME)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises ServeError, naming what holds it where it can, unless host:port is free to listen on."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return
+        except OSError as e:
+            problem = e.strerror or str(e)
+    import psutil
+
+    holder = ""
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+                holder = f" (by {psutil.Process(c.pid).name()}, pid {c.pid})"
+                break
+    except (psutil.Error, OSError):  # another user's process: its name stays unknown
+        pass
+    raise ServeError(
+        f"cannot listen on {host}:{port}: {problem}{holder}. Choose another --port, or stop what "
+        "holds it (an earlier `resnet-pipe deploy` that was killed leaves its HAProxy behind)"
+    )
 
 
 def post(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> tuple[int, dict]:

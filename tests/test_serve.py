@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -247,3 +248,42 @@ def test_the_cluster_config_builds_the_same_app() -> None:
     deployment = app(spec["args"])._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == spec["args"]["max_replicas"]
     assert deployment.ray_actor_options["num_gpus"] == spec["args"]["gpus_per_replica"]
+
+
+def test_the_deploy_command_serves_until_sigterm_then_stops_cleanly(served) -> None:
+    # `resnet-pipe deploy` as a user (or systemd, Kubernetes, `docker stop`) runs and stops it: a
+    # process of its own that starts its own local Ray (HAProxy and all, beside the fixture's);
+    # the fixture's store is in this folder
+    deploy = [sys.executable, "-m", "pipeline.cli", "deploy", "resnet50/1", "--no-compile"]
+    taken = served[0].rsplit(":", 1)[1]  # the fixture's HAProxy holds it: refused before Ray starts
+    refused = subprocess.run([*deploy, "--port", taken], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and f"cannot listen on 127.0.0.1:{taken}" in refused.stderr
+    assert "(by haproxy, pid" in refused.stderr
+
+    port = free_port()
+    command = [*deploy, "--port", str(port), "--cpus-per-replica", "1", "--max-batch-size", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    up = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("serving resnet50 version 1"):
+                up.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert up.wait(240), "".join(lines[-20:])
+        url = f"http://127.0.0.1:{port}"
+        assert _healthy(url)["version"] == "1"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, "".join(lines[-20:])
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join()
+    assert "stopped\n" in lines and not any("SIGTERM received" in line for line in lines)
+    with pytest.raises(OSError):  # nothing answers on the port any more
+        urllib.request.urlopen(f"{url}/health", timeout=5)
