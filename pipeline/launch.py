@@ -55,12 +55,18 @@ class Outcome:
     error: str | None = None
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster that `connect(address)` joins: `address`, else RAY_ADDRESS; None: a Ray
+    of our own, started on this machine."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
 def connect(address: str | None) -> None:
     """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one with
     LOCAL_RAY_ENV."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(address)
     if address is None:
         start_local_ray(WORKER_ENV, log_to_driver=True)
     else:

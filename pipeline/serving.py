@@ -65,10 +65,9 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     from ray import serve
 
     from pipeline import tracking
-    from pipeline.launch import connect
+    from pipeline.launch import cluster_address, connect
 
-    local = (address or os.environ.get("RAY_ADDRESS")) is None  # a Ray of our own, on this machine
-    if local:
+    if cluster_address(address) is None:  # a Ray of our own: the port is on this machine
         check_port_free(host, port)
     connect(address)
     settings = replace(
@@ -86,7 +85,9 @@ def stop(address: str | None = None) -> None:
     (HAProxy outlives a Ray that dies under it, still holding the port)."""
     from ray import serve
 
-    if (address or os.environ.get("RAY_ADDRESS")) is None:
+    from pipeline.launch import cluster_address
+
+    if cluster_address(address) is None:
         serve.shutdown()
     else:
         serve.delete(APP_NAME)
