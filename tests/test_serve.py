@@ -1,7 +1,8 @@
 """Serving with Ray Serve over real HTTP: a model trained by a short job answers real JPEGs with
 the same top-1 class and probability as offline evaluation of the same files (train/serve
 parity); every bad input gets its 4xx JSON error while the replica stays healthy; overload gets
-a quick 503; a promotion during a stream of requests switches versions without failing one."""
+a quick 503; a promotion during a stream of requests switches versions without failing one; the
+`deploy` command itself refuses a taken port and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
