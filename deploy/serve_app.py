@@ -6,7 +6,7 @@ training job's own evaluation transform, hot reload when its alias moves, and ha
 
 Endpoints (OpenAPI description at /openapi.json, browsable at /docs):
 
-    GET  /health            the model and version serving
+    GET  /health            the model and version serving, and the replica that answers
     POST /predict           one image: its bytes with an image content type, or a multipart form
     POST /predict/batch     several images as a multipart form (one file field each)
 
@@ -107,6 +107,7 @@ class Classifier:
         version, self.alias = registry.serving_version(self.settings.model)
         self.current = self._forward.submit(self._load, version.name, str(version.version)).result()
         self.token = os.environ.get(TOKEN_ENV) or None
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.classify.set_max_batch_size(self.settings.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000)
         if self.alias:
@@ -139,7 +140,10 @@ class Classifier:
     @api.get("/health")
     async def health(self) -> dict:
         loaded, _ = self.current
-        return {"status": "ok", "model": loaded.name, "version": loaded.version, "alias": self.alias}
+        return {
+            "status": "ok", "model": loaded.name, "version": loaded.version, "alias": self.alias,
+            "replica": self.replica,
+        }  # fmt: skip
 
     # Two batches at once: while one runs on the forward thread, the next is formed and queued
     # behind it, so the thread starts it without waiting on the event loop (which took 5 ms of

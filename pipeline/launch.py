@@ -41,7 +41,12 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": 
 # machine and told at once: 2 s (deleting the app took 31 s, now 3). Serve's controller and
 # replicas read these when they start; set in the environment, the user's values win.
 LOCAL_RAY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-HAPROXY_SIDE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+SERVE_SIDE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 FAULT_ENV = "RESNET_PIPE_FAIL_AT_STEP"  # test hook: rank 0 raises at this global step
 KILL_ENV = "RESNET_PIPE_KILL_AT_STEP"  # test hook: the last rank kills its process there, once
 
@@ -85,10 +90,14 @@ def start_local_ray(env_vars: dict[str, str], **init_args) -> None:
     Train run waited 12 s more at its end, on a GCS that never answered)."""
     for key, value in LOCAL_RAY_ENV.items():  # Ray's processes start with the driver's environment
         os.environ.setdefault(key, value)
-    # HAProxy's stats page and metrics exporter listen on fixed ports by default (8404, 9101): a
-    # second local deployment on the machine (another `deploy`, the tests beside a user's) failed
-    # to start its HAProxy. Each Ray we start takes free ones.
-    for key in HAPROXY_SIDE_PORTS:
+    # Ports that Serve's HAProxy mode opens beside --port are fixed by default, and a second
+    # local deployment on the machine (another `deploy`, the tests beside a user's) met the
+    # first's there: HAProxy's stats page and metrics exporter (8404, 9101) made its HAProxy
+    # fail to start; the fallback proxy that HAProxy sends requests to while no replica is up
+    # (8500, and 9500 for gRPC) binds with SO_REUSEPORT, so the two proxies shared the port and
+    # a request to one deployment could be answered by the other's model. Each Ray we start
+    # takes free ones.
+    for key in SERVE_SIDE_PORTS:
         os.environ[key] = str(system.free_port())
     port = system.free_port()
     ray.init(

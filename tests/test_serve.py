@@ -86,6 +86,22 @@ def _healthy(url: str) -> dict:
         return json.loads(answer.read())
 
 
+def _ports_shared_by_ray_processes() -> dict[int, set[int]]:
+    """Listening ports that more than one of Ray's processes (`ray::` in their title: Serve's
+    proxies and replicas among them) holds, with their pids."""
+    import psutil
+
+    holders: dict[int, set[int]] = {}
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid:
+            try:
+                if psutil.Process(c.pid).cmdline()[0].startswith("ray::"):
+                    holders.setdefault(c.laddr.port, set()).add(c.pid)
+            except (psutil.NoSuchProcess, IndexError):
+                pass
+    return {port: pids for port, pids in holders.items() if len(pids) > 1}
+
+
 def test_served_answers_match_offline_evaluation(served, prepared_dataset: Path) -> None:
     url, job, _ = served
     index = load_index(prepared_dataset)
@@ -278,7 +294,15 @@ def test_the_deploy_command_serves_until_sigterm_then_stops_cleanly(served) -> N
     try:
         assert up.wait(240), "".join(lines[-20:])
         url = f"http://127.0.0.1:{port}"
+        # Two deployments side by side, each answered by its own model only. Serve's fallback
+        # proxy, where HAProxy sends a request while no replica is up, once listened on 8500 in
+        # every Ray, with SO_REUSEPORT: the two shared it, and the first answer here came from
+        # the fixture's replica (version 2, after the promotion test)
+        assert not _ports_shared_by_ray_processes()
         assert _healthy(url)["version"] == "1"
+        ours = {_healthy(url)["replica"] for _ in range(20)}
+        theirs = {_healthy(served[0])["replica"] for _ in range(5)}
+        assert len(ours) == 1 and not ours & theirs, (ours, theirs)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, "".join(lines[-20:])
     finally:
