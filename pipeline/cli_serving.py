@@ -100,26 +100,39 @@ def deploy(
         batch_wait_ms=batch_wait_ms,
         compile=compile_model,
     )
+    # A service manager (systemd, Kubernetes, `docker stop`) stops with SIGTERM: the same clean
+    # stop as Ctrl-C, whether the replicas are still loading or serving, instead of Ray's handler
+    # ending the process mid-start (HAProxy left holding the port) or with a stack trace
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         url = serving.start(settings, host, port, address)
     except serving.ServeError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        _stop(address)
+        return
     following = f", following {version.name}@{alias}" if alias else ""
     click.echo(f"serving {version.name} version {version.version}{following} at {url}")
     click.echo(
         f"  POST {url}/predict (an image), {url}/predict/batch (a form); API: {url}/docs; "
         "Ctrl-C or SIGTERM stops"
     )
-    # A service manager (systemd, Kubernetes, `docker stop`) stops with SIGTERM: the same clean
-    # stop as Ctrl-C, instead of Ray's handler printing a stack trace as the process dies
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             threading.Event().wait(3600)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        _stop(address)
+
+
+def _stop(address: str | None) -> None:
+    import ray
+
+    from pipeline import serving
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+    if ray.is_initialized():
         serving.stop(address)
-        click.echo("stopped")
+    click.echo("stopped")
 
 
 def _interrupt(signum: int, frame) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +70,18 @@ def cluster_address(address: str | None) -> str | None:
 
 def connect(address: str | None) -> None:
     """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one with
-    LOCAL_RAY_ENV."""
+    LOCAL_RAY_ENV. A SIGTERM handler that the caller set stays: ray.init() puts its own in place
+    (`sys.exit`), which would end `deploy` mid-start without stopping what it started."""
     if ray.is_initialized():
         return
+    handler = signal.getsignal(signal.SIGTERM)
     address = cluster_address(address)
     if address is None:
         start_local_ray(WORKER_ENV, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def start_local_ray(env_vars: dict[str, str], **init_args) -> None:

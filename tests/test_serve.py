@@ -2,7 +2,7 @@
 the same top-1 class and probability as offline evaluation of the same files (train/serve
 parity); every bad input gets its 4xx JSON error while the replica stays healthy; overload gets
 a quick 503; a promotion during a stream of requests switches versions without failing one; the
-`deploy` command itself refuses a taken port and stops cleanly on SIGTERM."""
+`deploy` command itself refuses a taken port and stops cleanly on SIGTERM, loading or serving."""
 
 from __future__ import annotations
 
@@ -267,33 +267,76 @@ def test_the_cluster_config_builds_the_same_app() -> None:
     assert deployment.ray_actor_options["num_gpus"] == spec["args"]["gpus_per_replica"]
 
 
+class _Deploy:
+    """`resnet-pipe deploy` as a process, its output (stdout and stderr) read as it comes."""
+
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "pipeline.cli", "deploy", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.seen: dict[str, threading.Event] = {}
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            for text, event in list(self.seen.items()):
+                if text in line:
+                    event.set()
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        event = self.seen.setdefault(text, threading.Event())
+        if not any(text in line for line in self.lines):
+            assert event.wait(timeout_s), self.tail()
+
+    def sigterm(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self.reader.join()
+        return code
+
+    def close(self) -> None:  # after a failure: nothing left running
+        if self.process.poll() is None:
+            self.process.kill()
+        self.reader.join()
+
+    def tail(self) -> str:
+        return "".join(self.lines[-20:])
+
+
 def test_the_deploy_command_serves_until_sigterm_then_stops_cleanly(served) -> None:
     # `resnet-pipe deploy` as a user (or systemd, Kubernetes, `docker stop`) runs and stops it: a
     # process of its own that starts its own local Ray (HAProxy and all, beside the fixture's);
     # the fixture's store is in this folder
-    deploy = [sys.executable, "-m", "pipeline.cli", "deploy", "resnet50/1", "--no-compile"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["resnet50/1", "--no-compile", "--port", str(port), "--cpus-per-replica", "1"]
+
+    # SIGTERM while the replica loads: a clean stop as well, HAProxy and all (it used to end in
+    # Ray's sys.exit, the app never shut down)
+    starting = _Deploy(*args)
+    try:
+        starting.wait_for("Adding 1 replica to Deployment(name='Classifier'", 240)
+        code = starting.sigterm()
+    finally:
+        starting.close()
+    assert code == 0, starting.tail()
+    assert "stopped\n" in starting.lines and not any("Traceback" in line for line in starting.lines)
+    assert not any(line.startswith("serving resnet50") for line in starting.lines)
+    serving.check_port_free("127.0.0.1", port)  # raises if anything still holds it
+
     taken = served[0].rsplit(":", 1)[1]  # the fixture's HAProxy holds it: refused before Ray starts
-    refused = subprocess.run([*deploy, "--port", taken], capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "deploy", "resnet50/1", "--port", taken],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert refused.returncode == 2 and f"cannot listen on 127.0.0.1:{taken}" in refused.stderr
     assert "(by haproxy, pid" in refused.stderr
 
-    port = free_port()
-    command = [*deploy, "--port", str(port), "--cpus-per-replica", "1", "--max-batch-size", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    up = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("serving resnet50 version 1"):
-                up.set()
-
-    reader = threading.Thread(target=read)
-    reader.start()
+    deployed = _Deploy(*args)
     try:
-        assert up.wait(240), "".join(lines[-20:])
-        url = f"http://127.0.0.1:{port}"
+        deployed.wait_for("serving resnet50 version 1", 240)
         # Two deployments side by side, each answered by its own model only. Serve's fallback
         # proxy, where HAProxy sends a request while no replica is up, once listened on 8500 in
         # every Ray, with SO_REUSEPORT: the two shared it, and the first answer here came from
@@ -303,12 +346,10 @@ def test_the_deploy_command_serves_until_sigterm_then_stops_cleanly(served) -> N
         ours = {_healthy(url)["replica"] for _ in range(20)}
         theirs = {_healthy(served[0])["replica"] for _ in range(5)}
         assert len(ours) == 1 and not ours & theirs, (ours, theirs)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, "".join(lines[-20:])
+        code = deployed.sigterm()
     finally:
-        if process.poll() is None:
-            process.kill()
-        reader.join()
-    assert "stopped\n" in lines and not any("SIGTERM received" in line for line in lines)
+        deployed.close()
+    assert code == 0, deployed.tail()
+    assert "stopped\n" in deployed.lines and not any("SIGTERM received" in line for line in deployed.lines)
     with pytest.raises(OSError):  # nothing answers on the port any more
         urllib.request.urlopen(f"{url}/health", timeout=5)
