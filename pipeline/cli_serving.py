@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import click
 
 from pipeline.cli_common import fail, print_table
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 @click.command()
@@ -84,31 +87,33 @@ def deploy(
 
     if replicas != "auto" and not replicas.isdigit():
         fail(f"--replicas {replicas}: give a number of replicas or 'auto'")
-    try:
-        version, alias = registry.serving_version(target)
-    except registry.RegistryError as e:
-        fail(str(e))
-    import torch
-
-    gpus = gpus_per_replica if gpus_per_replica is not None else float(torch.cuda.is_available())
-    settings = serving.Settings(
-        model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",
-        replicas=replicas if replicas == "auto" else int(replicas),
-        cpus_per_replica=cpus_per_replica or float(len(os.sched_getaffinity(0))),
-        gpus_per_replica=gpus,
-        max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms,
-        compile=compile_model,
-    )
     # A service manager (systemd, Kubernetes, `docker stop`) stops with SIGTERM: the same clean
-    # stop as Ctrl-C, whether the replicas are still loading or serving, instead of Ray's handler
-    # ending the process mid-start (HAProxy left holding the port) or with a stack trace
+    # stop as Ctrl-C at any point, starting or serving. Ray's own handlers would end it with
+    # exit code 15 (while ray.init runs) or a stack trace and an abort (while replicas load).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        version, alias = registry.serving_version(target)
+        import torch
+
+        gpus = gpus_per_replica if gpus_per_replica is not None else float(torch.cuda.is_available())
+        settings = serving.Settings(
+            model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",
+            replicas=replicas if replicas == "auto" else int(replicas),
+            cpus_per_replica=cpus_per_replica or float(len(os.sched_getaffinity(0))),
+            gpus_per_replica=gpus,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            compile=compile_model,
+        )
         url = serving.start(settings, host, port, address)
-    except serving.ServeError as e:
+    except (registry.RegistryError, serving.ServeError) as e:
         fail(str(e))
     except KeyboardInterrupt:
+        _stop(address)
+        return
+    except SystemExit as e:  # Ray's SIGTERM handler, in place while ray.init() runs
+        if e.code != signal.SIGTERM:
+            raise
         _stop(address)
         return
     following = f", following {version.name}@{alias}" if alias else ""
@@ -125,14 +130,38 @@ def deploy(
 
 
 def _stop(address: str | None) -> None:
-    import ray
-
     from pipeline import serving
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # not imported here: an import that the signal cut short fails again
+    if ray is not None and ray.is_initialized():
         serving.stop(address)
+    else:  # a start cut short inside ray.init(): Ray does not stop the processes it had started,
+        _end_descendants()  # and its agents outlived the process (seen: a SIGTERM 8 s into a start)
     click.echo("stopped")
+
+
+def _end_descendants() -> None:
+    """Ends every process this one started, and theirs. As this process's subreaper (Linux),
+    the children of a process that ends come to it instead of init, to be ended in the next
+    round (the dashboard's modules, forked while it started)."""
+    import ctypes
+
+    import psutil
+
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    for _ in range(5):
+        processes = psutil.Process().children(recursive=True)
+        if not processes:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 def _interrupt(signum: int, frame) -> None:
