@@ -94,8 +94,11 @@ def stop(address: str | None = None) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raises ServeError, naming what holds it where it can, unless host:port is free to listen on."""
+    """Raises ServeError, naming what holds it where it can, unless host:port is free to listen on
+    (as a server binds: with SO_REUSEADDR, so that the closed connections of a deployment just
+    stopped, a minute in TIME_WAIT, do not count; a listener does)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return

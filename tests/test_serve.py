@@ -354,3 +354,6 @@ def test_the_deploy_command_serves_until_sigterm_then_stops_cleanly(served) -> N
     assert "stopped\n" in deployed.lines and not any("SIGTERM received" in line for line in deployed.lines)
     with pytest.raises(OSError):  # nothing answers on the port any more
         urllib.request.urlopen(f"{url}/health", timeout=5)
+    # and a new deploy may take it at once: the requests' closed connections (TIME_WAIT, a
+    # minute) once made the check refuse it
+    serving.check_port_free("127.0.0.1", port)
