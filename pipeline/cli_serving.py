@@ -15,6 +15,7 @@ import click
 from pipeline.cli_common import fail, print_table
 
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_terminated = threading.Event()  # set by a SIGTERM (`_interrupt`)
 
 
 @click.command()
@@ -116,6 +117,9 @@ def deploy(
             raise
         _stop(address)
         return
+    if _terminated.is_set():  # a SIGTERM whose KeyboardInterrupt Python swallowed (below)
+        _stop(address)
+        return
     following = f", following {version.name}@{alias}" if alias else ""
     click.echo(f"serving {version.name} version {version.version}{following} at {url}")
     click.echo(
@@ -123,10 +127,11 @@ def deploy(
         "Ctrl-C or SIGTERM stops"
     )
     try:
-        while True:
-            threading.Event().wait(3600)
+        while not _terminated.wait(3600):
+            pass
     except KeyboardInterrupt:
-        _stop(address)
+        pass
+    _stop(address)
 
 
 def _stop(address: str | None) -> None:
@@ -165,6 +170,10 @@ def _end_descendants() -> None:
 
 
 def _interrupt(signum: int, frame) -> None:
+    """SIGTERM: cuts short what runs (a start), as Ctrl-C does. Raised in a finalizer or a weakref
+    callback, Python prints the KeyboardInterrupt and goes on (seen: SQLAlchemy's, 2 s into a
+    start), so the request also stays in `_terminated` for deploy to find."""
+    _terminated.set()
     raise KeyboardInterrupt
 
 
