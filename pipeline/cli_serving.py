@@ -106,6 +106,8 @@ def deploy(
             batch_wait_ms=batch_wait_ms,
             compile=compile_model,
         )
+        if _terminated.is_set():  # its KeyboardInterrupt swallowed (`_interrupt`): no Ray to start
+            raise KeyboardInterrupt
         url = serving.start(settings, host, port, address)
     except (registry.RegistryError, serving.ServeError) as e:
         fail(str(e))
