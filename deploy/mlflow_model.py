@@ -18,13 +18,13 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2 as T
 
 from pipeline.config import from_dict
+from pipeline.models import create_model
 
 TOP_K = 5
 
@@ -34,7 +34,7 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         job = from_dict(json.loads(Path(context.artifacts["job"]).read_text()))
         rows = Path(context.artifacts["classes"]).read_text().splitlines()
         self.classes = [row.split("\t") for row in rows]  # index, wnid, name
-        self.model = timm.create_model(job.model.arch, num_classes=len(self.classes))
+        self.model = create_model(job.model.arch, num_classes=len(self.classes))
         self.model.load_state_dict(load_file(context.artifacts["weights"]))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()

@@ -10,7 +10,7 @@ Endpoints (OpenAPI description at /openapi.json, browsable at /docs):
     POST /predict           one image: its bytes with an image content type, or a multipart form
     POST /predict/batch     several images as a multipart form (one file field each)
 
-Each image is checked (`pipeline.inference.check_image`: body size, format, pixel count, a full
+Each image is checked (`pipeline.serve.inference.check_image`: body size, format, pixel count, a full
 decode at reduced scale) before it joins a batch, so a bad request gets a 4xx JSON error and
 never fails anyone else's.
 Preprocessing is `pipeline.loader.serve_pipeline`: the same DALI graph as validation.
@@ -32,8 +32,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline import system
-from pipeline.inference import BadImage, Loaded, Preprocess, check_image, prediction, warmup_image
-from pipeline.serving import TOKEN_ENV, Settings
+from pipeline.serve.client import TOKEN_ENV
+from pipeline.serve.inference import BadImage, Loaded, Preprocess, check_image, prediction, warmup_image
+from pipeline.serve.settings import Settings
 from pipeline.tracking import registry
 
 log = logging.getLogger("ray.serve")

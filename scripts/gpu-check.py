@@ -18,8 +18,8 @@ import timm
 import torch
 
 from pipeline.config import load_job
-from pipeline.optim import build_optimizer
-from pipeline.step import Stepper, evaluate
+from pipeline.train.optim import build_optimizer
+from pipeline.train.step import Stepper, evaluate
 
 WARMUP_STEPS = 15
 TIMED_STEPS = 40

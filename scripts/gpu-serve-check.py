@@ -1,4 +1,4 @@
-"""GPU check of serving's forward pass: `pipeline.inference.Loaded` on one GPU, eager and compiled
+"""GPU check of serving's forward pass: `pipeline.serve.inference.Loaded` on one GPU, eager and compiled
 (`Loaded.compile`, batches padded to the compiled sizes), over batches already preprocessed on
 the GPU (as DALI's mixed decoder leaves them), with only torch and timm: what batching buys on
 a GPU, where the replica's images/s is set by its batch size.
@@ -16,7 +16,7 @@ import timm
 import torch
 
 from pipeline.config import load_job
-from pipeline.inference import Loaded
+from pipeline.serve.inference import Loaded
 
 SECONDS = 2.0  # timed per batch size, after warm-up
 BATCHES = (1, 8, 32, 64, 128, 256)

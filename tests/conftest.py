@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synth import write_dataset
+from pipeline.data.synth import write_dataset
 
 # Odd files, as ImageNet has them: kept ones decode to RGB, broken ones are left out.
 KEPT_ODD = {
@@ -58,7 +58,7 @@ def odd_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_dataset(odd_dataset: Path) -> Path:
-    from pipeline.dataset import prepare
+    from pipeline.data.prepare import prepare
 
     prepare(odd_dataset, workers=2)
     return odd_dataset
@@ -69,10 +69,10 @@ def ray_session():
     """One local Ray for the whole session (it takes about 10 s to start on 2 cores)."""
     import ray
 
-    from pipeline.launch import start_local_ray
+    from pipeline.cluster.launch import start_local_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    start_local_ray({}, num_cpus=2, log_to_driver=True)  # as `pipeline.launch.connect`, on 2 CPUs
+    start_local_ray({}, num_cpus=2, log_to_driver=True)  # as `pipeline.cluster.launch.connect`, on 2 CPUs
     yield ray
     ray.shutdown()
 

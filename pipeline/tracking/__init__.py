@@ -14,6 +14,7 @@ with artifacts beside it; MLFLOW_TRACKING_URI overrides both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,16 +22,22 @@ import platform
 import subprocess
 import threading
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils import logging_utils
 
 from pipeline.config import Job, flatten, jobs_dir, to_dict
 
 log = logging.getLogger("resnet_pipe")
+# MLflow draws a progress bar for every artifact it downloads or uploads (a registered model's
+# weights, plots): the terminal shows our progress and results, not MLflow's bookkeeping. Set in
+# the environment, the user's choice wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 RUN_ID_FILE = "mlflow_run_id"  # in the run's storage folder: a resubmitted run reopens its MLflow run
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -47,6 +54,19 @@ CREDENTIALS = (  # what MLflow's client reads for a server with authentication o
     "MLFLOW_TRACKING_INSECURE_TLS",
     "MLFLOW_TRACKING_SERVER_CERT_PATH",
 )
+
+
+@contextlib.contextmanager
+def quiet_mlflow():
+    """Silences MLflow's event messages ("Successfully registered model ...", "Created version
+    ...") and warnings while the block runs: the caller reports what happened, in its own words."""
+    logging_utils.disable_logging()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging_utils.enable_logging()
 
 
 def credentials() -> dict[str, str]:
@@ -146,6 +166,18 @@ def record_hardware(run_id: str, nodes: int, cpus: float, gpus: float, gpu_kind:
     client = MlflowClient(tracking_uri())
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def record_changes(run_id: str, changes: dict[str, tuple], step: int) -> None:
+    """Records settings changed on a resume (`key -> (was, now)`, from global `step` on): MLflow
+    keeps a run's params as first logged, so the changes go to `job/changed-at-step-<step>.json`
+    and the tag `settings_changed` (the keys, at each step, oldest first)."""
+    client = MlflowClient(tracking_uri())
+    changed = {key: {"was": was, "now": now} for key, (was, now) in changes.items()}
+    client.log_dict(run_id, {"step": step, "changed": changed}, f"job/changed-at-step-{step}.json")
+    earlier = client.get_run(run_id).data.tags.get("settings_changed")
+    entry = f"step {step}: {', '.join(changes)}"
+    client.set_tag(run_id, "settings_changed", f"{earlier}; {entry}" if earlier else entry)
 
 
 def close_run(run_id: str, succeeded: bool) -> None:

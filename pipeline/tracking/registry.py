@@ -1,7 +1,7 @@
 """The MLflow model registry: a finished run's best weights become a model version, and the
 `champion` alias moves only to a version that beats the current champion.
 
-    version = register(run_id, run_dir, job, index)   # at the end of a run (the driver)
+    version = register(run_id, state, source, job, index)  # a scored checkpoint (the driver)
     promote("resnet50/3")                              # the gate: better val/top1, same dataset hash
     promote("my-run", force=True)                      # past the gate, and says so
     rollback("resnet50")                               # the previous champion again
@@ -23,14 +23,14 @@ import mlflow
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
 from safetensors.torch import save_file
 
-from pipeline import checkpoint
 from pipeline.config import Job, to_dict
-from pipeline.dataset import Index
-from pipeline.tracking import tracking_uri
+from pipeline.data.index import Index
+from pipeline.tracking import quiet_mlflow, tracking_uri
 from pipeline.tracking.plots import log_class_errors, log_plots
 
 CHAMPION = "champion"
@@ -50,7 +50,7 @@ class Promotion:
     message: str
 
 
-def publish(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion | None:
+def publish(run_id: str, state: dict, source: str, job: Job, index: Index) -> ModelVersion:
     """The end of a finished run: its plots, then `register`.
 
     Raises:
@@ -58,20 +58,36 @@ def publish(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion 
     """
     try:
         log_plots(run_id)
-        return register(run_id, run_dir, job, index)
+        return register(run_id, state, source, job, index)
     except MlflowException as e:
         raise RegistryError(str(e)) from e
 
 
-def register(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion | None:
-    """Logs the run's best checkpoint's weights (`weights/model.safetensors`, and the checkpoint's
-    location as the tag `checkpoint`), then the same as a pyfunc model (weights as safetensors, the job, the
-    classes; `deploy/mlflow_model.py`) with a signature and an input example, and registers it
-    under the architecture's name. None when the run has no scored checkpoint."""
-    best = checkpoint.best(run_dir)
-    if best is None:
-        return None
-    state = checkpoint.load(best)
+# What the registered model answers per image (deploy/mlflow_model.py), declared rather than
+# inferred from an example: inference warns about integer columns, a warning the user can do
+# nothing about.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.binary, "image")]),
+    outputs=Schema([
+        ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "wnid"),
+        ColSpec(DataType.string, "name"), ColSpec(DataType.double, "probability"),
+        ColSpec(DataType.string, "top_k"),
+    ]),
+)  # fmt: skip
+
+
+def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> ModelVersion:
+    """Registers a scored training checkpoint under the architecture's name.
+
+    Logs its weights (`weights/model.safetensors`; the EMA's when they scored better) to the
+    run, then the same as a pyfunc model (weights as safetensors, the job, the classes;
+    `deploy/mlflow_model.py`) with its signature and an input example.
+
+    Args:
+        state: the checkpoint, as `pipeline.train.checkpoint.load` reads it (its "metrics" hold
+            val/top1).
+        source: where the checkpoint lives, for the tag `checkpoint` (the full training state).
+    """
     top1, chosen = state["metrics"]["val/top1"], "model"
     if state.get("ema") is not None and state["metrics"].get("val/ema_top1", -1.0) > top1:
         top1, chosen = state["metrics"]["val/ema_top1"], "ema"  # the EMA model scored better
@@ -89,44 +105,29 @@ def register(run_id: str, run_dir: Path, job: Job, index: Index) -> ModelVersion
         save_file({k: v.contiguous() for k, v in weights.items()}, artifacts["weights"])
         client = MlflowClient(tracking_uri())
         client.log_artifact(run_id, str(artifacts["weights"]), artifact_path="weights")  # plain tensors
-        client.set_tag(run_id, "checkpoint", str(best))  # the full training state they came from
+        client.set_tag(run_id, "checkpoint", source)  # the full training state they came from
         artifacts["job"].write_text(json.dumps(to_dict(job), indent=1))
         classes = (index.root / "index" / "classes.tsv").read_text(encoding="utf-8")
         artifacts["classes"].write_text(classes, encoding="utf-8")
         example = pd.DataFrame({"image": [_example_image(index)]})
-        signature = infer_signature(example, _predict_locally(artifacts, example))
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        with quiet_mlflow(), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             logged = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
                 artifacts={k: str(v) for k, v in artifacts.items()},
                 code_paths=[str(Path(__file__).resolve().parents[1])],  # the `pipeline` package
-                signature=signature,
+                signature=SIGNATURE,
                 input_example=example,
             )
-    version = mlflow.register_model(
-        logged.model_uri,
-        job.model.arch,
-        tags={"val/top1": f"{top1:.6f}", "dataset_hash": index.dataset_hash, "run_id": run_id,
-              "checkpoint": str(best)},
-    )  # fmt: skip
-    return version
+    tags = {
+        "val/top1": f"{top1:.6f}", "dataset_hash": index.dataset_hash, "run_id": run_id, "checkpoint": source,
+    }  # fmt: skip
+    with quiet_mlflow():  # "Successfully registered model ...": the caller says what happened
+        return mlflow.register_model(logged.model_uri, job.model.arch, tags=tags)
 
 
 def _example_image(index: Index) -> bytes:
     return (index.root / index.files("val")[0]).read_bytes()
-
-
-def _predict_locally(artifacts: dict[str, Path], example: pd.DataFrame) -> pd.DataFrame:
-    """The model's answer on the example, straight from the model code (for the signature)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("resnet_pipe_mlflow_model", MODEL_CODE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.ResNetClassifier()
-    model.load_context(type("Context", (), {"artifacts": {k: str(v) for k, v in artifacts.items()}})())
-    return model.predict(None, example)
 
 
 def resolve(client: MlflowClient, target: str) -> ModelVersion:

@@ -1,0 +1,155 @@
+"""`resnet-pipe bench data`: the DALI training pipeline against torchvision's DataLoader.
+
+Both read the same JPEGs and do the same work per image: decode, random-resized crop to
+`crop_px` (area [0.08, 1], aspect [3/4, 4/3]), horizontal flip, normalize, batch as NCHW float.
+torchvision decodes with PIL in `workers` DataLoader processes; DALI runs `workers` threads.
+A third row is DALI's ceiling: decode and resize alone. On a GPU machine a fourth row decodes
+with nvJPEG ("mixed"). Each row runs for `seconds` after a warm-up, one after the other in
+the same process, and the ratio is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from pipeline.config import Job, load_job
+from pipeline.data.index import Index, load_index
+from pipeline.data.layouts import IMAGE_SUFFIXES
+from pipeline.data.loader import antialiased_resize, build_loader
+
+MIN_FILES = 1024  # a small folder is repeated up to this many entries, so an epoch outlasts the warm-up
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    images_per_s: float
+
+
+def bench_index(root: Path) -> Index:
+    """The files to read: a prepared dataset's training list, or every image under `root`."""
+    if (root / "index" / "dataset.json").is_file():
+        files = load_index(root).files("train")
+    else:
+        files = sorted(
+            str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    if not files:
+        raise FileNotFoundError(f"no images under {root}")
+    files = (files * (MIN_FILES // len(files) + 1))[: max(MIN_FILES, len(files))]
+    return Index(root, ["all"], ["all"], {"train": [(f, 0) for f in files], "val": []}, "")
+
+
+class _Files(Dataset):
+    def __init__(self, index: Index, transform: Callable):
+        self.paths = [index.root / f for f in index.files("train")]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB")), 0
+
+
+def torchvision_loader(index: Index, job: Job, workers: int) -> DataLoader:
+    """torchvision's classification reference transforms, PIL decoding, `workers` processes."""
+    data = job.data
+    transform = T.Compose([
+        T.RandomResizedCrop(data.crop_px, scale=data.scale, ratio=data.ratio, antialias=True),
+        T.RandomHorizontalFlip(data.hflip_prob),
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(data.mean, data.std),
+    ])  # fmt: skip
+    return DataLoader(
+        _Files(index, transform),
+        batch_size=job.scaling.batch_size_per_worker,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=True,
+        drop_last=True,
+    )
+
+
+@pipeline_def
+def _decode_resize(files: list[str], file_root: str, data, gpu: bool, threads: int):
+    encoded, _ = fn.readers.file(file_root=file_root, files=files, name="reader", pad_last_batch=True)
+    images = fn.decoders.image_random_crop(
+        encoded,
+        device="mixed" if gpu else "cpu",
+        output_type=types.RGB,
+        random_area=list(data.scale),
+        random_aspect_ratio=list(data.ratio),
+    )
+    return antialiased_resize(images, gpu, threads, size=data.crop_px)
+
+
+def ceiling_loader(index: Index, job: Job, workers: int, gpu: bool) -> DALIGenericIterator:
+    pipe = _decode_resize(
+        files=index.files("train"),
+        file_root=str(index.root),
+        data=job.data,
+        gpu=gpu,
+        threads=workers,
+        batch_size=job.scaling.batch_size_per_worker,
+        num_threads=workers,
+        device_id=0 if gpu else None,
+    )
+    return DALIGenericIterator(
+        [pipe], ["images"], reader_name="reader", last_batch_policy=LastBatchPolicy.DROP, auto_reset=True
+    )
+
+
+def measure(name: str, loader: Iterable, seconds: float, warmup_batches: int = 3) -> Result:
+    """Images per second over `seconds` of batches, after `warmup_batches`."""
+    batches = _forever(loader)
+    for _ in range(warmup_batches):
+        next(batches)
+    images, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        images += len(next(batches))
+    return Result(name, images / elapsed)
+
+
+def _forever(loader: Iterable):
+    """Endless image batches, from (images, ...) tuples (ours, torch's) or DALI's [{"images": ...}]."""
+    while True:
+        for batch in loader:
+            first = batch[0]
+            yield first["images"] if isinstance(first, dict) else first
+
+
+def bench_data(
+    root: Path, seconds: float = 20.0, workers: int | None = None, crop_px: int = 224, batch: int = 128
+) -> list[Result]:
+    """Runs the comparison on the images under `root`; returns one Result a row. The batch is
+    imagenet-r50's per-worker batch by default (DALI's per-batch overheads favour larger ones)."""
+    workers = workers or len(os.sched_getaffinity(0))
+    job = load_job("imagenet-r50", [f"data.crop_px={crop_px}", f"scaling.batch_size_per_worker={batch}"])
+    job = replace(job, data=replace(job.data, threads_per_worker=workers))
+    index = bench_index(root)
+    rows = [
+        ("torchvision DataLoader (PIL)", lambda: torchvision_loader(index, job, workers)),
+        ("DALI training pipeline (CPU)", lambda: build_loader(job, index, "train")),
+        ("DALI ceiling: decode + resize (CPU)", lambda: ceiling_loader(index, job, workers, gpu=False)),
+    ]
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda", 0)
+        rows.append(
+            ("DALI training pipeline (GPU decode)", lambda: build_loader(job, index, "train", device=gpu))
+        )
+    return [measure(name, make(), seconds) for name, make in rows]

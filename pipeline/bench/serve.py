@@ -1,0 +1,304 @@
+"""`resnet-pipe bench serve`: the Serve deployment against `mlflow models serve` on the same
+model and cores, with the model's raw batched forward pass as the ceiling.
+
+The model is a registered version: MODEL@ALIAS or MODEL/VERSION from the user's store, or by
+default a freshly initialised ResNet-50 registered in a temporary store with imagenet-r50's
+evaluation transform (resize 256, center crop 224), so that the figures are the 224 px ones.
+Both servers get the same JPEGs, one image per request, from `clients` concurrent clients on
+loopback for `seconds` after a warm-up; requests/s counts answered requests (status 200). The
+deployment's health endpoint, driven the same way, shows what the serving path alone allows.
+The ceiling runs in two halves, one before the servers and one after the deployment, and
+counts their mean: a shared machine's speed drifts within minutes (on the developers' 2-core VM
+an empty GET went from 2,000 to 830 requests/s in ten minutes), and a ceiling measured only
+before would judge the servers by the machine of another moment.
+On a machine with a GPU the same command serves on it (the replica, both forward passes and
+MLflow's model); there the batch size decides the throughput: give `clients` at least twice it.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.process import in_worker_process
+from pipeline.data.layouts import IMAGE_SUFFIXES
+from pipeline.system import free_port
+from pipeline.tracking import tracking_uri
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    per_s: float  # requests/s (images/s for the ceiling)
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    failed: int = 0
+    against_ceiling: bool = True  # False: a measure of the serving path, not of serving the model
+
+
+def drive(send: Callable[[bytes], int], images: list[bytes], clients: int, seconds: float) -> Row:
+    """`clients` threads each send one image at a time for `seconds` (after 2 requests each of
+    warm-up); returns requests/s and latency percentiles of the answered ones."""
+    latencies: list[float] = []
+    failed = [0]
+    lock = threading.Lock()
+    start_gate = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def client(k: int) -> None:
+        for i in range(2):
+            send(images[(k + i) % len(images)])
+        start_gate.wait()
+        i = 0
+        while time.perf_counter() < deadline[0]:
+            began = time.perf_counter()
+            status = send(images[(k * 7 + i) % len(images)])
+            took = time.perf_counter() - began
+            with lock:
+                if status == 200:
+                    latencies.append(took)
+                else:
+                    failed[0] += 1
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.perf_counter() + 3600  # until every client is warm
+    start_gate.wait()
+    began = time.perf_counter()
+    deadline[0] = began + seconds
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
+    return Row("", len(latencies) / elapsed, 1000 * quantiles[49], 1000 * quantiles[98], failed[0])
+
+
+class _Connections:
+    """Requests over one kept-alive HTTP/1.1 connection per client thread, as load generators
+    (wrk, hey, locust) do: a new TCP connection per request would cost the server and the
+    clients, on the same cores, more than the request itself."""
+
+    def __init__(self, url: str, content_type: str | None = None):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
+        self.headers = {"Content-Type": content_type} if content_type else {}
+        self.local = threading.local()
+
+    def post(self, body: bytes) -> int:
+        return self._request("POST", body)
+
+    def get(self, _image: bytes) -> int:
+        """A GET of the URL, called the way `drive` calls `post` (with an image, not sent)."""
+        return self._request("GET", None)
+
+    def _request(self, method: str, body: bytes | None) -> int:
+        """The answer's status (0: no answer)."""
+        for _ in range(2):  # a connection the server closed meanwhile: once more on a new one
+            connection = getattr(self.local, "connection", None)
+            if connection is None:
+                connection = self.local.connection = http.client.HTTPConnection(
+                    self.host, self.port, timeout=120
+                )
+            try:
+                connection.request(method, self.path, body, self.headers)
+                answer = connection.getresponse()
+                answer.read()
+                if answer.will_close:
+                    connection.close()
+                    self.local.connection = None
+                return answer.status
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                self.local.connection = None
+        return 0
+
+
+def _bench_model(root: Path) -> str:
+    """Registers a freshly initialised ResNet-50 (imagenet-r50's evaluation transform, the
+    classes of the dataset at `root`) in the current tracking store; returns MODEL/VERSION."""
+    from pipeline import tracking
+    from pipeline.config import load_job
+    from pipeline.data.index import load_index
+    from pipeline.models import create_model
+    from pipeline.tracking import registry
+
+    index = load_index(root)
+    job = load_job("imagenet-r50", [f"data.root='{root.resolve()}'", "scaling.num_workers=1"])
+    run_dir = Path.cwd() / "runs" / "bench-serve"
+    run_id = tracking.open_run(job, "bench-serve", run_dir, index.dataset_hash)
+    model = create_model(job.model.arch, num_classes=len(index.classes))
+    state = {"model": model.state_dict(), "metrics": {"val/top1": 0.0}}  # a checkpoint's, as far as needed
+    version = registry.register(run_id, state, "none: freshly initialised", job, index)
+    tracking.close_run(run_id, succeeded=True)
+    return f"{version.name}/{version.version}"
+
+
+def _device() -> torch.device:
+    """Where the replica serves: its GPU when there is one (`resnet-pipe deploy`'s default)."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, raw: bool) -> Row:
+    """The model's batched forward pass over already-preprocessed images, all cores (or the
+    GPU): `raw`, in PyTorch's default memory format, eager (the ceiling); else as the replica
+    runs it (in its memory format, compiled)."""
+    from pipeline.serve.inference import Loaded, Preprocess
+
+    name, _, version = model.partition("/")
+    device = _device()
+    loaded = Loaded.from_registry(name, version, device, raw=raw)
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    compiled = not raw and loaded.compile(batch, threads)
+    inputs = Preprocess(loaded.job, batch, device, threads)((images * batch)[:batch])
+    with torch.inference_mode():
+        loaded.probabilities(inputs)  # warm-up
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            loaded.probabilities(inputs)
+            done += batch
+    if raw:
+        kind = "raw forward pass (ceiling)"
+    else:
+        traits = [t for t, on in (("channels_last", loaded.channels_last), ("compiled", compiled)) if on]
+        kind = f"the replica's forward pass ({', '.join(traits) or 'eager'})"
+    return Row(f"{kind}, batch {batch}", done / (time.perf_counter() - began))
+
+
+def _resnet_pipe(
+    model: str, images: list[bytes], clients: int, seconds: float, batch: int, wait_ms: float
+) -> list[Row]:
+    """The deployment answering images; then its health endpoint, the same way: the requests/s
+    that Ray Serve's proxy, the replica's web app and the clients alone allow on these cores."""
+    import ray
+    from ray import serve
+
+    from pipeline.cluster import serving
+    from pipeline.serve.settings import Settings
+
+    cores = len(os.sched_getaffinity(0))
+    settings = Settings(
+        model=model, cpus_per_replica=cores, gpus_per_replica=float(_device().type == "cuda"),
+        max_batch_size=batch, batch_wait_ms=wait_ms,
+        max_ongoing_requests=4 * clients, max_queued_requests=4 * clients,
+    )  # fmt: skip
+    url = serving.start(settings, port=free_port())
+    try:
+        row = drive(_Connections(f"{url}/predict", "image/jpeg").post, images, clients, seconds)
+        bare = drive(_Connections(f"{url}/health").get, images, clients, seconds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return [
+        Row(f"resnet-pipe deploy (Ray Serve, batch {batch})", row.per_s, row.p50_ms, row.p99_ms, row.failed),
+        Row("its GET /health (no image, no model)", bare.per_s, bare.p50_ms, bare.p99_ms, bare.failed, False),
+    ]
+
+
+def _mlflow_serve(model: str, images: list[bytes], clients: int, seconds: float) -> Row:
+    from pipeline.serve.client import wait_until_up
+
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model}",
+         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # it runs `uvicorn` by name: this environment's, also when its bin/ is not on PATH
+        env=os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/ping", server, lambda: _read_all(log))
+        bodies = {
+            image: json.dumps(
+                {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+            ).encode()
+            for image in images
+        }
+        connections = _Connections(f"{url}/invocations", "application/json")
+        row = drive(lambda body: connections.post(bodies[body]), images, clients, seconds)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+    return Row("mlflow models serve (1 worker)", row.per_s, row.p50_ms, row.p99_ms, row.failed)
+
+
+def _read_all(file) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
+
+
+def bench_serve(
+    root: Path,
+    images_from: Path | None = None,
+    model: str | None = None,
+    seconds: float = 20.0,
+    clients: int = 8,
+    batch: int = 8,
+    wait_ms: float = 20.0,
+) -> list[Row]:
+    """The raw forward pass (the ceiling: the mean of half a run before the replica's pass and
+    half after the deployment's rows), the replica's forward pass, resnet-pipe, its health
+    endpoint, mlflow models serve: one row each, in that order. `root`: a
+    prepared dataset (the bench model's classes); `images_from`: the JPEGs to send (default:
+    those of `root`)."""
+    root = root.resolve()  # the bench works in a folder of its own
+    folder = (images_from or root).resolve()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:64]
+    if not files:
+        raise ValueError(f"no images under {folder}")
+    images = [p.read_bytes() for p in files]
+    saved_cwd, saved_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if model is None:  # a model of our own, in a store of our own: the user's stays clean
+                os.chdir(tmp)
+                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+                model = _bench_model(root)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the user's store, absolute
+                model = _fixed_version(model)
+            # The ceiling in two halves, before and after the deployment's rows, so that a machine
+            # whose speed drifts during the bench moves the ceiling as it moves the servers.
+            before = in_worker_process(_forward_pass, model, images, batch, seconds / 2, True)
+            rows = [in_worker_process(_forward_pass, model, images, batch, seconds, False)]
+            rows.extend(_resnet_pipe(model, images, clients, seconds, batch, wait_ms))
+            after = in_worker_process(_forward_pass, model, images, batch, seconds / 2, True)
+            ceiling = Row(
+                f"{before.name} (mean of {before.per_s:.2f} before, {after.per_s:.2f} after)",
+                (before.per_s + after.per_s) / 2,
+            )
+            rows.insert(0, ceiling)
+            rows.append(_mlflow_serve(model, images, clients, seconds))
+        finally:
+            os.chdir(saved_cwd)
+            if saved_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    return rows
+
+
+def _fixed_version(target: str) -> str:
+    from pipeline.tracking import registry
+
+    version, _ = registry.serving_version(target)
+    return f"{version.name}/{version.version}"

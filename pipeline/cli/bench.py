@@ -1,0 +1,110 @@
+"""`resnet-pipe bench data | train | serve`: each runs the competitor side by side and prints the
+ratio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import check_prepared, fail, print_table
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks that run the competitor side by side and print the ratio."""
+
+
+def _root_option(help: str):
+    folder = click.Path(path_type=Path)
+    return click.option("--root", type=folder, default=Path("data/sample"), show_default=True, help=help)
+
+
+@bench.command("data")
+@_root_option("A prepared dataset, or any folder of JPEGs.")
+@click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
+@click.option(
+    "--workers", type=int, default=None, help="DataLoader processes and DALI threads (default: all cores)."
+)
+@click.option("--crop", "crop_px", default=224, show_default=True)
+@click.option("--batch", default=128, show_default=True, help="Images per batch, the same for every row.")
+def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, batch: int) -> None:
+    """DALI's training pipeline against torchvision's DataLoader, images/s."""
+    from pipeline.bench.data import bench_data as run
+
+    if not root.is_dir():
+        fail(f"{root} does not exist (give --root a folder of JPEGs or a prepared dataset)")
+    _print_ratios(run(root, seconds, workers, crop_px, batch), "pipeline", "x torchvision")
+
+
+@bench.command("train")
+@_root_option("A prepared dataset.")
+@click.option("--steps", default=12, show_default=True, help="Steps per run (the first 2 are warm-up).")
+@click.option("--batch", default=16, show_default=True, help="Images per batch and worker.")
+@click.option("--crop", "crop_px", default=224, show_default=True)
+def bench_train(root: Path, steps: int, batch: int, crop_px: int) -> None:
+    """The whole training pipeline against a bare PyTorch loop, images/s (ResNet-50)."""
+    from pipeline.bench.train import bench_train as run
+
+    check_prepared(root)
+    results = run(root, steps, batch, crop_px)
+    _print_ratios(results, "training", "x bare loop")
+    one, two = results[-2].images_per_s, results[-1].images_per_s
+    click.echo(f"2 DDP workers against 1 worker: {two / one:.3f}x the images/s on the same cores")
+
+
+@bench.command("serve")
+@_root_option("A prepared dataset (the bench model's classes).")
+@click.option(
+    "--images", type=click.Path(path_type=Path), default=None, help="JPEGs to send (default: --root's)."
+)
+@click.option(
+    "--model", default=None, help="MODEL@ALIAS or MODEL/VERSION (default: a fresh 224 px ResNet-50)."
+)
+@click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
+@click.option("--clients", default=8, show_default=True, help="Concurrent clients, one image per request.")
+@click.option(
+    "--batch",
+    default=4,
+    show_default=True,
+    help="Max batch size: half the clients, one batch fills while one runs.",
+)
+@click.option("--batch-wait-ms", default=20.0, show_default=True)
+def bench_serve(
+    root: Path,
+    images: Path | None,
+    model: str | None,
+    seconds: float,
+    clients: int,
+    batch: int,
+    batch_wait_ms: float,
+) -> None:
+    """The Serve deployment against `mlflow models serve` (same model, same cores), with the
+    raw batched forward pass as the ceiling: requests/s and latency."""
+    from pipeline.bench.serve import bench_serve as run
+
+    check_prepared(root)
+    if images is not None and not images.is_dir():
+        fail(f"--images {images} is not a folder of images")
+    rows = run(root, images, model, seconds, clients, batch, batch_wait_ms)
+    table = [("serving", "per s", "p50 ms", "p99 ms", "failed", "x ceiling", "x mlflow")]
+    for row in rows:
+        table.append((
+            row.name, f"{row.per_s:.2f}",
+            f"{row.p50_ms:.0f}" if row.p50_ms is not None else "-",
+            f"{row.p99_ms:.0f}" if row.p99_ms is not None else "-",
+            str(row.failed),
+            f"{row.per_s / rows[0].per_s:.3f}" if row.against_ceiling else "-",
+            f"{row.per_s / rows[-1].per_s:.2f}" if row.against_ceiling else "-",
+        ))  # fmt: skip
+    print_table(table)
+
+
+def _print_ratios(results: list, title: str, ratio_title: str) -> None:
+    """A table of images/s, each row against the first."""
+    width = max(len(title), *(len(r.name) for r in results))
+    click.echo(f"{title:<{width}}  {'images/s':>9}  {ratio_title:>13}")
+    for r in results:
+        click.echo(
+            f"{r.name:<{width}}  {r.images_per_s:9.2f}  {r.images_per_s / results[0].images_per_s:13.3f}"
+        )

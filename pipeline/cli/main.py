@@ -1,0 +1,348 @@
+"""The `resnet-pipe` command line: parse, call, print. No logic lives here.
+
+Bad input (an unknown job, a missing dataset, an unknown --set key) is one line on stderr and
+exit code 2, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.cli.bench import bench
+from pipeline.cli.common import check_prepared, fail, load_job_or_fail, print_table
+from pipeline.cli.serving import deploy, predict, promote, ui
+from pipeline.config import flatten, job_names, to_dict
+from pipeline.data.index import DatasetError
+
+
+@click.group()
+def main() -> None:
+    """Train bottleneck ResNets with DALI and Ray Train, tracked in MLflow."""
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def jobs(ctx: click.Context) -> None:
+    """List the named jobs (jobs/*.toml)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = [("JOB", "MODEL", "DATASET", "EPOCHS", "WORKERS")]
+    for name in job_names():
+        job = load_job_or_fail(name, ())
+        device = "GPU" if job.scaling.use_gpu else "CPU"
+        counts = job.scaling.worker_counts
+        workers = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else f"{counts[0]}"
+        workers += f" x {device}"
+        rows.append((name, job.model.arch, job.dataset, str(job.epochs), workers))
+    print_table(rows)
+
+
+@jobs.command("show")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
+def jobs_show(name: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved job NAME, every setting with its value."""
+    job = load_job_or_fail(name, overrides)
+    for key, value in flatten(to_dict(job)).items():
+        click.echo(f"{key} = {value!r}")
+    click.echo(f"# derived: global_batch_size = {job.global_batch_size}, peak_lr = {job.peak_lr:g}")
+
+
+@main.group()
+def data() -> None:
+    """Make and prepare datasets."""
+
+
+@data.command("synth")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--train-per-class", default=150, show_default=True)
+@click.option("--val-per-class", default=50, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def data_synth(directory: Path, train_per_class: int, val_per_class: int, seed: int) -> None:
+    """Write the synthetic sample dataset (real JPEGs, ImageNet's layout) to DIRECTORY."""
+    from pipeline.data.synth import CLASSES, write_dataset
+
+    count = write_dataset(directory, train_per_class, val_per_class, seed)
+    click.echo(f"wrote {count} images of {len(CLASSES)} classes to {directory}")
+
+
+@data.command("prepare")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: all cores).")
+@click.option("--shards", is_flag=True, help="Also write webdataset tar shards (ROOT/index/shards/).")
+@click.option("--shard-size", default=1024, show_default=True, help="Samples per shard.")
+def data_prepare(root: Path, workers: int | None, shards: bool, shard_size: int) -> None:
+    """Index ROOT and check that every file decodes; writes ROOT/index/.
+
+    Layouts: ROOT/{train,val}/<class>/*; Kaggle's ILSVRC/Data/CLS-LOC with LOC_val_solution.csv;
+    or a flat val/ with the ILSVRC-2012 devkit. A re-run decodes only new or changed files.
+    """
+    from pipeline.data.index import load_index
+    from pipeline.data.prepare import format_report, prepare
+
+    try:
+        report = prepare(root, workers)
+    except DatasetError as e:
+        fail(str(e))
+    click.echo(format_report(root, report), nl=False)
+    click.echo(f"index written to {root / 'index'}")
+    if shards:
+        from pipeline.data.shards import shard_dir, write_shards
+
+        written = write_shards(load_index(root), shard_size)
+        counts = ", ".join(f"{len(names)} {split}" for split, names in written.items())
+        click.echo(f"shards ({counts}) in {shard_dir(root)}")
+
+
+@data.command("preview")
+@click.argument("job_name", metavar="JOB")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("preview.png"), show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
+@click.option("--count", default=16, show_default=True, help="Samples to draw (at most one batch).")
+@click.option("--seed", default=0, show_default=True)
+def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: int, seed: int) -> None:
+    """Write a grid of JOB's augmented training samples, with their class names, to --out."""
+    from pipeline.data.preview import write_preview
+
+    job = load_job_or_fail(job_name, overrides)
+    check_prepared(Path(job.data.root))
+    shown = write_preview(job, out, count, seed)
+    click.echo(f"wrote {shown} augmented samples of {job_name} to {out}")
+
+
+@main.command()
+@click.argument("job_name", metavar="JOB")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting.")
+@click.option(
+    "--name",
+    "run_name",
+    default=None,
+    help="Run name (default: the job's). A name that has checkpoints resumes from the latest.",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="A Ray cluster: ray://... or an address to join, or a job server "
+    "http://HEAD:8265 (Job Submission API). Default: RAY_ADDRESS, else a local Ray.",
+)
+@click.option("--follow", is_flag=True, help="With a job server: stream the job's logs until it ends.")
+@click.option(
+    "--resume",
+    default=None,
+    metavar="RUN",
+    help="Continue run RUN (the same MLflow run) from its latest checkpoint; an error if it has none.",
+)
+@click.option(
+    "--allow-changes",
+    is_flag=True,
+    help="With --resume: continue under settings that differ from the run's (recorded in MLflow).",
+)
+def submit(
+    job_name: str,
+    overrides: tuple[str, ...],
+    run_name: str | None,
+    address: str | None,
+    follow: bool,
+    resume: str | None,
+    allow_changes: bool,
+) -> None:
+    """Train JOB on Ray Train; resumes the run if it has checkpoints (with the same settings)."""
+    job = load_job_or_fail(job_name, overrides)
+    address = address or os.environ.get("RAY_ADDRESS")
+    remote = bool(address and address.startswith(("http://", "https://")))  # a job server
+    if follow and not remote:
+        fail(
+            "--follow streams a job server's logs: give --address http://HEAD:8265 (or RAY_ADDRESS); "
+            "a run on this machine or through ray:// prints its progress as it goes"
+        )
+    if allow_changes and not resume:
+        fail("--allow-changes goes with --resume RUN: it continues RUN under changed settings")
+    if resume:
+        if run_name and run_name != resume:
+            fail(f"--name {run_name} and --resume {resume} name two runs; give one")
+        run_name = resume
+        storage = Path(job.run.storage_path)
+        if (
+            not remote
+            and "://" not in job.run.storage_path
+            and not any((storage / resume).glob("*/meta.json"))
+        ):
+            fail(f"run '{resume}' has no checkpoints in {storage}; submit without --resume to start it")
+    if remote:
+        flags = ["--resume", run_name] if resume else ["--name", run_name or job.name]
+        _submit_remote(
+            address, job_name, overrides, flags + (["--allow-changes"] if allow_changes else []), job, follow
+        )
+        return
+    index = check_prepared(Path(job.data.root))
+    from pipeline.cluster.launch import SettingsChanged  # imports Ray: only after the checks
+    from pipeline.cluster.launch import submit as launch_submit
+    from pipeline.tracking import TrackingError
+
+    terminal = sys.stderr if sys.stderr.isatty() else None  # a live bar there; else progress lines
+    try:
+        outcome = launch_submit(
+            job, run_name or job.name, address, index, progress_to=terminal, allow_changes=allow_changes
+        )
+    except (TrackingError, SettingsChanged) as e:
+        fail(str(e))
+    click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
+    for key in ("val/top1", "val/top5", "train/loss"):
+        if key in outcome.metrics:
+            click.echo(f"{key}: {outcome.metrics[key]:.4f}")
+    if outcome.registered:
+        click.echo(f"registered model {outcome.registered}")
+    if not outcome.finished:
+        click.echo(f"error: training failed: {outcome.error}", err=True)
+        sys.exit(1)
+
+
+def _submit_remote(address: str, job_name: str, overrides, flags: list[str], job, follow: bool) -> None:
+    from pipeline.cluster import jobs as cluster
+
+    try:
+        submission_id = cluster.submit_remote(address, job_name, overrides, flags, job)
+    except cluster.ClusterError as e:
+        fail(str(e))
+    click.echo(f"submitted {job_name} as {submission_id} to {address}")
+    if follow:
+        _follow(address, submission_id)
+
+
+def _follow(address: str | None, submission_id: str) -> None:
+    from pipeline.cluster import jobs as cluster
+
+    for chunk in cluster.follow(address, submission_id):
+        click.echo(chunk, nl=False)
+    final = cluster.status(address, submission_id)
+    click.echo(f"{submission_id}: {final.value}")
+    sys.exit(0 if final.value == "SUCCEEDED" else 1)
+
+
+ADDRESS_HELP = "The job server, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)."
+
+
+@main.command("list")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def list_jobs(address: str | None) -> None:
+    """The cluster's jobs: id, status, job and run."""
+    from pipeline.cluster import jobs as cluster
+
+    for info in sorted(cluster.client(address).list_jobs(), key=lambda i: i.start_time or 0):
+        meta = info.metadata or {}
+        click.echo(
+            f"{info.submission_id}  {info.status.value:<9}  {meta.get('job', '-')}  {meta.get('run', '-')}"
+        )
+
+
+@main.command("status")
+@click.argument("submission_id")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def job_status(submission_id: str, address: str | None) -> None:
+    """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from pipeline.cluster import jobs as cluster
+
+    info = cluster.client(address).get_job_info(submission_id)
+    click.echo(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@main.command("logs")
+@click.argument("submission_id")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--follow", is_flag=True, help="Keep streaming until the job ends.")
+def job_logs(submission_id: str, address: str | None, follow: bool) -> None:
+    """A job's logs."""
+    from pipeline.cluster import jobs as cluster
+
+    if follow:
+        _follow(address, submission_id)
+    click.echo(cluster.client(address).get_job_logs(submission_id), nl=False)
+
+
+@main.command("stop")
+@click.argument("submission_id")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def stop_job(submission_id: str, address: str | None) -> None:
+    """Stop a job; its checkpoints stay, and submitting the same run again resumes it."""
+    from pipeline.cluster import jobs as cluster
+
+    stopped = cluster.client(address).stop_job(submission_id)
+    click.echo(f"{submission_id}: {'stopping' if stopped else 'not running'}")
+
+
+@main.command()
+@click.argument("words", nargs=-1, metavar="[JOB] | compare A B | sync RUN_DIR")
+def runs(words: tuple[str, ...]) -> None:
+    """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration.
+
+    `runs compare A B`: what differs between runs A and B (names or ids), settings then results.
+    `runs sync RUN_DIR`: send the metrics a run kept locally while MLflow was unreachable.
+    """
+    if words[:1] == ("compare",):
+        if len(words) != 3:
+            fail("runs compare takes two runs: resnet-pipe runs compare A B")
+        _runs_compare(words[1], words[2])
+    elif words[:1] == ("sync",):
+        if len(words) != 2:
+            fail("runs sync takes one run folder: resnet-pipe runs sync runs/NAME")
+        _runs_sync(Path(words[1]))
+    elif len(words) <= 1:
+        _runs_table(words[0] if words else None)
+    else:
+        fail("runs takes at most one JOB (or: runs compare A B, runs sync RUN_DIR)")
+
+
+def _runs_table(job_name: str | None) -> None:
+    from pipeline.tracking.runs import RunsError, run_table
+
+    try:
+        summaries = run_table(job_name)
+    except RunsError as e:
+        fail(str(e))
+    rows = [("RUN", "JOB", "STATUS", "EPOCHS", "BEST TOP-1", "IMAGES/S", "DURATION", "RUN ID")]
+    for r in summaries:
+        rows.append((
+            r.name, r.job, r.status, str(r.epochs),
+            f"{r.best_top1:.4f}" if r.best_top1 is not None else "-",
+            f"{r.images_per_s:.1f}" if r.images_per_s is not None else "-",
+            _duration(r.duration_s), r.run_id,
+        ))  # fmt: skip
+    print_table(rows)
+
+
+def _runs_compare(a: str, b: str) -> None:
+    from pipeline.tracking.runs import RunsError, compare
+
+    try:
+        run_a, run_b, settings, results = compare(a, b)
+    except RunsError as e:
+        fail(str(e))
+    header = (f"A: {run_a.info.run_name}", f"B: {run_b.info.run_name}")
+    click.echo("settings that differ:" if settings else "settings: identical")
+    if settings:
+        print_table([("SETTING", *header), *settings])
+    click.echo("results:")
+    print_table([("METRIC", *header), *results])
+
+
+def _runs_sync(run_dir: Path) -> None:
+    from pipeline.tracking import RUN_ID_FILE, sync_unsent
+
+    if not (run_dir / RUN_ID_FILE).is_file():
+        fail(f"{run_dir} is not a run folder (no {RUN_ID_FILE}); run folders are under runs/")
+    click.echo(f"sent {sync_unsent(run_dir)} metrics")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+for command in (promote, ui, deploy, predict, bench):
+    main.add_command(command)

@@ -1,0 +1,205 @@
+"""`resnet-pipe promote`, `ui`, `deploy` and `predict`: from the registry to a served model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import fail, print_table
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+_terminated = threading.Event()  # set by a SIGTERM (`_interrupt`)
+
+
+@click.command()
+@click.argument("target", metavar="RUN | MODEL/VERSION | MODEL")
+@click.option("--force", is_flag=True, help="Promote even when it does not beat the current champion.")
+@click.option("--rollback", is_flag=True, help="Give MODEL's champion alias back to the previous version.")
+def promote(target: str, force: bool, rollback: bool) -> None:
+    """Move MODEL's `champion` alias to a run's registered version, only when it beats the
+    current champion's val/top1 on the same dataset hash."""
+    from pipeline.tracking import registry
+
+    try:
+        outcome = registry.rollback(target) if rollback else registry.promote(target, force=force)
+    except registry.RegistryError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(outcome.message)
+
+
+@click.command()
+@click.option("--port", default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+def ui(port: int, host: str) -> None:
+    """Start the MLflow UI over the local store (mlflow.db and mlartifacts/ here)."""
+    from pipeline.tracking import DEFAULT_ARTIFACTS, tracking_uri
+
+    uri = tracking_uri()
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+        "--default-artifact-root", str(Path.cwd() / DEFAULT_ARTIFACTS), "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    click.echo(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C stops it)")
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@click.command()
+@click.argument("target", required=False, metavar="[MODEL@ALIAS | MODEL/VERSION | RUN]")
+@click.option("--replicas", default="1", show_default=True, help="A number, or 'auto' (autoscaling).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-batch-size", default=8, show_default=True, help="Images per batched forward pass.")
+@click.option("--batch-wait-ms", default=20.0, show_default=True, help="How long a batch waits to fill.")
+@click.option(
+    "--compile/--no-compile", "compile_model", default=True, show_default=True,
+    help="torch.compile each version's forward pass as it loads (faster; seconds per batch size).",
+)  # fmt: skip
+@click.option("--cpus-per-replica", type=float, default=None, help="Default: all of this machine's cores.")
+@click.option("--gpus-per-replica", type=float, default=None, help="Default: 1 when there is a GPU.")
+@click.option("--address", default=None, help="A Ray cluster to deploy on (default: a local Ray).")
+def deploy(
+    target: str | None,
+    replicas: str,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    batch_wait_ms: float,
+    compile_model: bool,
+    cpus_per_replica: float | None,
+    gpus_per_replica: float | None,
+    address: str | None,
+) -> None:
+    """Serve a registered model over HTTP with Ray Serve (default: the champion of the most
+    recently updated model); it follows the alias: a promotion or rollback switches versions.
+    Set RESNET_PIPE_SERVE_TOKEN to require `Authorization: Bearer <token>`."""
+    from pipeline.cluster import serving
+    from pipeline.serve.client import ServeError
+    from pipeline.serve.settings import Settings
+    from pipeline.tracking import registry
+
+    if replicas != "auto" and not replicas.isdigit():
+        fail(f"--replicas {replicas}: give a number of replicas or 'auto'")
+    # A service manager (systemd, Kubernetes, `docker stop`) stops with SIGTERM: the same clean
+    # stop as Ctrl-C at any point, starting or serving. Ray's own handlers would end it with
+    # exit code 15 (while ray.init runs) or a stack trace and an abort (while replicas load).
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        version, alias = registry.serving_version(target)
+        import torch
+
+        gpus = gpus_per_replica if gpus_per_replica is not None else float(torch.cuda.is_available())
+        settings = Settings(
+            model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",
+            replicas=replicas if replicas == "auto" else int(replicas),
+            cpus_per_replica=cpus_per_replica or float(len(os.sched_getaffinity(0))),
+            gpus_per_replica=gpus,
+            max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms,
+            compile=compile_model,
+        )
+        if _terminated.is_set():  # its KeyboardInterrupt swallowed (`_interrupt`): no Ray to start
+            raise KeyboardInterrupt
+        url = serving.start(settings, host, port, address)
+    except (registry.RegistryError, ServeError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        _stop(address)
+        return
+    except SystemExit as e:  # Ray's SIGTERM handler, in place while ray.init() runs
+        if e.code != signal.SIGTERM:
+            raise
+        _stop(address)
+        return
+    if _terminated.is_set():  # a SIGTERM whose KeyboardInterrupt Python swallowed (below)
+        _stop(address)
+        return
+    following = f", following {version.name}@{alias}" if alias else ""
+    click.echo(f"serving {version.name} version {version.version}{following} at {url}")
+    click.echo(
+        f"  POST {url}/predict (an image), {url}/predict/batch (a form); API: {url}/docs; "
+        "Ctrl-C or SIGTERM stops"
+    )
+    try:
+        while not _terminated.wait(3600):
+            pass
+    except KeyboardInterrupt:
+        pass
+    _stop(address)
+
+
+def _stop(address: str | None) -> None:
+    from pipeline.cluster import serving
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+    ray = sys.modules.get("ray")  # not imported here: an import that the signal cut short fails again
+    if ray is not None and ray.is_initialized():
+        serving.stop(address)
+    else:  # a start cut short inside ray.init(): Ray does not stop the processes it had started,
+        _end_descendants()  # and its agents outlived the process (seen: a SIGTERM 8 s into a start)
+    click.echo("stopped")
+
+
+def _end_descendants() -> None:
+    """Ends every process this one started, and theirs. As this process's subreaper (Linux),
+    the children of a process that ends come to it instead of init, to be ended in the next
+    round (the dashboard's modules, forked while it started)."""
+    import ctypes
+
+    import psutil
+
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    for _ in range(5):
+        processes = psutil.Process().children(recursive=True)
+        if not processes:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=5)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM: cuts short what runs (a start), as Ctrl-C does. Raised in a finalizer or a weakref
+    callback, Python prints the KeyboardInterrupt and goes on (seen: SQLAlchemy's, 2 s into a
+    start), so the request also stays in `_terminated` for deploy to find."""
+    _terminated.set()
+    raise KeyboardInterrupt
+
+
+@click.command()
+@click.argument(
+    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The deployment's address.")
+def predict(images: tuple[Path, ...], url: str) -> None:
+    """Classify IMAGES with a running deployment; prints a table (exit 1 if any was refused)."""
+    from pipeline.serve import client
+
+    rows, failed = [("image", "class", "name", "probability", "model")], 0
+    for path in images:
+        try:
+            answer = client.predict_file(url, path)
+        except client.ServeError as e:
+            rows.append((str(path), "-", f"error {e}", "-", "-"))
+            failed += 1
+            continue
+        best = answer["predictions"][0]
+        model = f"{answer['model']}/{answer['version']}"
+        rows.append((str(path), best["wnid"], best["name"], f"{best['probability']:.4f}", model))
+    print_table(rows)
+    sys.exit(1 if failed else 0)

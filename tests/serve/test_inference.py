@@ -1,0 +1,61 @@
+"""Serving's forward pass compiled (`Loaded.compile`): the same answers as eager at every batch
+size, with batches padded to the compiled sizes rather than compiled anew."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from pipeline.config import load_job
+from pipeline.serve.inference import Loaded, padded_sizes
+
+
+def test_padded_sizes_are_the_powers_of_two_below_the_largest_batch_and_the_largest() -> None:
+    assert padded_sizes(1) == (1,)
+    assert padded_sizes(6) == (1, 2, 4, 6)
+    assert padded_sizes(8) == (1, 2, 4, 8)
+    assert padded_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+
+
+def _tiny_version(version: str, seed: int) -> Loaded:
+    """A small conv net with BatchNorm (which inductor's freezing folds), as a loaded version."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    classes = [(f"n{i}", str(i)) for i in range(5)]
+    return Loaded("tiny", version, model, classes, load_job("quickstart", []), torch.device("cpu"), True)
+
+
+def test_a_compiled_forward_pass_answers_as_the_eager_one_and_pads_instead_of_recompiling() -> None:
+    eager, compiled = _tiny_version("1", seed=0), _tiny_version("1", seed=0)
+    assert compiled.compile(max_batch=4, threads=2)
+    assert compiled.sizes == (1, 2, 4) and compiled.forward is not None
+    graphs = counters["stats"]["unique_graphs"]
+    crop = compiled.job.data.val_crop_px
+    images = torch.randn(5, 3, crop, crop)
+    for count in (1, 2, 3, 4, 5):  # 3 runs padded to 4; 5 is beyond the compiled sizes: eager
+        answer = compiled.probabilities(images[:count])
+        assert answer.shape == (count, 5)
+        torch.testing.assert_close(answer, eager.probabilities(images[:count]), atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # every size was compiled by `compile`
+
+
+def test_a_second_version_compiled_in_the_same_process_answers_with_its_own_weights() -> None:
+    """What a hot reload does: the weights frozen into the first version's graph must not answer
+    for the second."""
+    first, second = _tiny_version("1", seed=1), _tiny_version("2", seed=2)
+    assert first.compile(max_batch=2, threads=2) and second.compile(max_batch=2, threads=2)
+    crop = first.job.data.val_crop_px
+    images = torch.randn(2, 3, crop, crop)
+    for version, seed in ((first, 1), (second, 2)):
+        eager = _tiny_version(version.version, seed)
+        torch.testing.assert_close(
+            version.probabilities(images), eager.probabilities(images), atol=1e-5, rtol=1e-4
+        )
+    assert not torch.allclose(first.probabilities(images), second.probabilities(images))

@@ -1,0 +1,153 @@
+"""A real 2-worker Ray Train run (DDP over gloo, DALI on the CPU) tracked in a real MLflow store:
+it fails at an injected fault, and a second submission resumes it to the end."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import small_job
+from faults import RaiseAt
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.cluster.launch import fit_function, submit
+from pipeline.data.index import load_index
+from pipeline.system import GIL_SWITCH_INTERVAL_S
+from pipeline.tracking import tracking_uri
+from pipeline.train import checkpoint
+
+pytestmark = pytest.mark.ray
+EPOCHS = 3
+
+
+def _small_job(root: Path, *overrides: str):
+    return small_job(root, EPOCHS, *overrides)
+
+
+def test_fault_then_resume_finishes_one_tracked_run(ray_session, prepared_dataset, workdir) -> None:
+    job = _small_job(prepared_dataset, "optim.ema_decay=0.9", "optim.ema_every_steps=1", "target_top1=0.01")
+
+    # first submission: rank 0 raises at global step 4 (epoch 1), after epoch 0's checkpoint
+    failed = submit(job, "faulty", step_hook=RaiseAt(4))
+    assert not failed.finished and "injected fault" in failed.error
+    saved = checkpoint.latest(failed.run_dir)
+    meta = checkpoint.read_meta(saved)
+    assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 3, 0)
+
+    # second submission of the same run (what `submit --resume faulty` does): resumes at epoch 1
+    done = submit(job, "faulty")
+    assert done.finished, done.error
+    assert done.mlflow_run_id == failed.mlflow_run_id
+    assert {"train/loss", "train/images_per_s", "val/top1", "val/top5"} <= set(done.metrics)
+    assert 0.0 <= done.metrics["val/top1"] <= done.metrics["val/top5"] <= 1.0
+    final = checkpoint.read_meta(checkpoint.latest(done.run_dir))
+    assert (final["epoch"], final["step"]) == (EPOCHS, 3 * EPOCHS)
+    state = checkpoint.load(checkpoint.latest(done.run_dir))
+    assert state["job"]["epochs"] == EPOCHS and "optimizer" in state
+    assert state["ema"].keys() == state["model"].keys()
+    assert len(state["ranks"]) == 2 and state["clock"]["train_s"] > 0
+
+    # one MLflow run: the resolved job as params, every epoch's metrics exactly once
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(done.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "quickstart"
+    assert run.data.params["model.arch"] == "resnet50"
+    assert run.data.params["optim.lr_per_256"] == "0.1"
+    assert run.data.params["epochs"] == str(EPOCHS)
+    assert run.data.params["global_batch_size"] == "16"
+    assert run.data.params["dataset_hash"] == load_index(prepared_dataset).dataset_hash
+    for key in (
+        "train/loss",
+        "val/top1",
+        "val/top5",
+        "train/images_per_s",
+        "val/ema_top1",
+        "train/data_wait",
+    ):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == list(range(EPOCHS)), key
+    assert client.get_metric_history(run.info.run_id, "time_to_target_s")  # 0.01 top-1 is reached at once
+    top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
+    assert top1[EPOCHS - 1] == pytest.approx(done.metrics["val/top1"])
+
+    # the final weights, as plain tensors, load into the model
+    weights = Path(client.download_artifacts(run.info.run_id, "weights/model.safetensors", str(workdir)))
+    model = timm.create_model("resnet50", num_classes=4)
+    model.load_state_dict(load_file(weights))
+
+    # a third submission of a finished run trains nothing
+    again = submit(job, "faulty")
+    assert again.finished and again.metrics["val/top1"] == pytest.approx(done.metrics["val/top1"])
+    assert checkpoint.latest(done.run_dir) == checkpoint.latest(again.run_dir)
+
+
+def _samples(run_dir: Path) -> dict[tuple[int, int], list[int]]:
+    """(rank, step) -> the sample ids of that batch; a step run again after a resume counts once."""
+    seen = {}
+    for rank in range(2):
+        for line in (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            seen[rank, record["step"]] = record["ids"]
+    return seen
+
+
+def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
+    ray_session, prepared_dataset, workdir
+) -> None:
+    job = _small_job(
+        prepared_dataset, "epochs=2", "run.checkpoint_every_steps=2", "run.sample_log=true",
+        "optim.ema_decay=0.5", "optim.ema_every_steps=1", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+    )  # fmt: skip
+    straight = submit(job, "straight")
+    assert straight.finished, straight.error
+
+    # the fault hits at step 5, the 3rd step of epoch 1; the last checkpoint is mid-epoch, at step 4
+    failed = submit(job, "interrupted", step_hook=RaiseAt(5))
+    assert not failed.finished
+    meta = checkpoint.read_meta(checkpoint.latest(failed.run_dir))
+    assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 4, 1)
+    resumed = submit(job, "interrupted")
+    assert resumed.finished, resumed.error
+
+    expected, got = _samples(straight.run_dir), _samples(resumed.run_dir)
+    assert sorted(got) == sorted(expected) == [(rank, step) for rank in range(2) for step in range(6)]
+    assert got == expected
+    # and the same weights and EMA at the end, to float tolerance (same seed, data, order, mixing draws)
+    end_a = checkpoint.load(checkpoint.latest(straight.run_dir))
+    end_b = checkpoint.load(checkpoint.latest(resumed.run_dir))
+    for part in ("model", "ema"):
+        for name, tensor in end_a[part].items():
+            torch.testing.assert_close(end_b[part][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+
+
+def test_the_driver_draws_a_live_progress_bar(ray_session, prepared_dataset, workdir) -> None:
+    terminal = io.StringIO()
+    done = submit(_small_job(prepared_dataset, "epochs=1"), "bar", progress_to=terminal)
+    assert done.finished, done.error
+    drawn = terminal.getvalue()
+    assert "epoch 1/1" in drawn and "3/3 steps" in drawn
+    assert all(part in drawn for part in ("loss ", " images/s", "data wait ", "ETA "))
+
+
+def test_fit_function_returns_the_metrics_a_ray_train_worker_computed(ray_session, tmp_path) -> None:
+    # what bench train's "the same loop as a Ray Train function" row stands on
+    def probe(scale: float) -> dict:
+        import sys
+
+        import ray.train
+
+        context = ray.train.get_context()
+        return {"value": 2 * scale, "world": context.get_world_size(), "pid": os.getpid(),
+                "switch_interval": sys.getswitchinterval()}  # fmt: skip
+
+    metrics = fit_function(probe, (1.5,), cpus=1, storage=tmp_path)
+    assert metrics["value"] == 3.0 and metrics["world"] == 1
+    assert metrics["pid"] != os.getpid()  # a worker process, not the driver
+    assert metrics["switch_interval"] == GIL_SWITCH_INTERVAL_S  # set up as the pipeline's workers are
