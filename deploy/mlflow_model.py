@@ -7,6 +7,10 @@ row per image with the top class (class_index, wnid, name, probability) and "top
 `TOP_K` as JSON. Preprocessing is the job's evaluation transform: shorter side to
 data.val_resize_px, center crop data.val_crop_px, normalize with data.mean and data.std.
 
+Each image first passes serving's own checks (`pipeline.serve.inference.check_image`, with the
+Serve app's default limits): what `resnet-pipe deploy` refuses, this model refuses too, with an
+MlflowException that `mlflow models serve` answers as 400 Bad Request.
+
 `pipeline.tracking.registry` logs it with `mlflow.pyfunc.log_model(python_model=<this file>, ...)`.
 """
 
@@ -19,12 +23,16 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms import v2 as T
 
 from pipeline.config import from_dict
 from pipeline.models import create_model
+from pipeline.serve.inference import BadImage, check_image
+from pipeline.serve.settings import Settings
 
 TOP_K = 5
 
@@ -39,6 +47,7 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         data = job.data
+        self.resize_px = data.val_resize_px
         self.transform = T.Compose([
             T.PILToTensor(),
             T.Resize(data.val_resize_px, antialias=True),
@@ -48,6 +57,12 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         ])  # fmt: skip
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        limits = Settings()  # the Serve app's defaults: body bytes, pixels before and after resizing
+        for row, encoded in enumerate(model_input["image"]):
+            try:
+                check_image(encoded, limits.max_body_bytes, limits.max_pixels, self.resize_px)
+            except BadImage as e:
+                raise MlflowException(f"image {row}: {e}", error_code=INVALID_PARAMETER_VALUE) from None
         batch = torch.stack([self._decode(b) for b in model_input["image"]])
         with torch.inference_mode():
             probabilities = self.model(batch.to(self.device)).softmax(dim=1).cpu()

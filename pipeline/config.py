@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 
 class JobError(ValueError):
@@ -26,33 +26,97 @@ class JobError(ValueError):
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a number may take, checked at load (`Annotated[int, Range(1)]`): at least
+    `low` (above it, when `open_low`), at most `high` (below it, when `open_high`)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'above' if self.open_low else 'at least'} {self.low:g}"
+        if self.low is None:
+            return f"{'below' if self.open_high else 'at most'} {self.high:g}"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, open_low=True)
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+PROBABILITY = Range(0, 1)
+Count = Annotated[int, AT_LEAST_1]  # workers, threads, steps, pixels: one or more
+
+
+@dataclass(frozen=True)
 class Data:
     root: str = "data/sample"  # dataset folder; `resnet-pipe data prepare ROOT` writes ROOT/index/
     source: Literal["files", "shards"] = "files"  # shards: ROOT/index/shards/*.tar (`prepare --shards`)
-    crop_px: int = 224  # training crop, square
-    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
-    hflip_prob: float = 0.5
-    color_jitter: tuple[float, float, float, float] = (
+    crop_px: Count = 224  # training crop, square
+    scale: tuple[
+        Annotated[float, Range(0, 1, open_low=True)], Annotated[float, Range(0, 1, open_low=True)]
+    ] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
+    ratio: tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE]] = (
+        3 / 4,
+        4 / 3,
+    )  # random-resized-crop aspect range
+    hflip_prob: Annotated[float, PROBABILITY] = 0.5
+    color_jitter: tuple[
+        Annotated[float, AT_LEAST_0],
+        Annotated[float, AT_LEAST_0],
+        Annotated[float, AT_LEAST_0],
+        Annotated[float, Range(0, 0.5)],
+    ] = (
         0.0,
         0.0,
         0.0,
         0.0,
     )  # brightness, contrast, saturation, hue
     auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugment Wide or RandAugment
-    rand_augment_n: int = 2  # operations per image (Cubuk et al. 2019)
-    rand_augment_m: int = 9  # magnitude, of 30 bins
-    random_erasing_prob: float = 0.0  # torchvision's recipe uses 0.1 (Zhong et al. 2017)
-    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weight; 0 turns mixup off (recipes: 0.2)
-    cutmix_alpha: float = 0.0  # 0 turns CutMix off (recipes: 1.0)
-    cutmix_prob: float = 0.5  # with both on, the share of batches that get CutMix
-    progressive_px: tuple[tuple[int, int], ...] = ()  # [[epoch, crop_px], ...]: crop grows from that epoch
-    val_resize_px: int = 256  # shorter side before the center crop (224/256 = 0.875, He et al.)
-    val_crop_px: int = 224
+    rand_augment_n: Count = 2  # operations per image (Cubuk et al. 2019)
+    rand_augment_m: Annotated[int, Range(0, 30)] = 9  # magnitude, of 30 bins
+    random_erasing_prob: Annotated[float, PROBABILITY] = (
+        0.0  # torchvision's recipe uses 0.1 (Zhong et al. 2017)
+    )
+    mixup_alpha: Annotated[float, AT_LEAST_0] = (
+        0.0  # Beta(alpha, alpha) mixing weight; 0 turns mixup off (recipes: 0.2)
+    )
+    cutmix_alpha: Annotated[float, AT_LEAST_0] = 0.0  # 0 turns CutMix off (recipes: 1.0)
+    cutmix_prob: Annotated[float, PROBABILITY] = 0.5  # with both on, the share of batches that get CutMix
+    progressive_px: tuple[
+        tuple[Annotated[int, AT_LEAST_0], Count], ...
+    ] = ()  # [[epoch, crop_px], ...]: crop grows from that epoch
+    val_resize_px: Count = 256  # shorter side before the center crop (224/256 = 0.875, He et al.)
+    val_crop_px: Count = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean, 0..1 scale
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    threads_per_worker: int = 2  # DALI CPU threads per training worker
-    prefetch_batches: int = 2  # DALI prefetch queue depth
+    std: tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE], Annotated[float, POSITIVE]] = (
+        0.229,
+        0.224,
+        0.225,
+    )
+    threads_per_worker: Count = 2  # DALI CPU threads per training worker
+    prefetch_batches: Count = 2  # DALI prefetch queue depth
+
+    def __post_init__(self):
+        if self.scale[0] > self.scale[1]:
+            raise JobError(
+                f"'data.scale' is {list(self.scale)}: its first item (the smallest area) must not be "
+                "above the second"
+            )
+        if self.ratio[0] > self.ratio[1]:
+            raise JobError(f"'data.ratio' is {list(self.ratio)}: its first item must not be above the second")
+        if self.val_crop_px > self.val_resize_px:
+            raise JobError(
+                f"'data.val_crop_px' ({self.val_crop_px}) is above 'data.val_resize_px' "
+                f"({self.val_resize_px}): the center crop must fit in the resized image"
+            )
 
 
 @dataclass(frozen=True)
@@ -66,29 +130,37 @@ class Model:
 class Optim:
     name: Literal["sgd", "lamb"] = "sgd"  # LAMB (You et al. 2020) for the "ResNet strikes back" recipes
     loss: Literal["ce", "bce"] = "ce"  # bce: binary cross-entropy per class (Wightman et al. 2021)
-    lr_per_256: float = 0.1  # scaled by global_batch_size / 256 (Goyal et al. 2017)
-    momentum: float = 0.9
+    lr_per_256: Annotated[float, AT_LEAST_0] = 0.1  # scaled by global_batch_size / 256 (Goyal et al. 2017)
+    momentum: Annotated[float, Range(0, 1, open_high=True)] = 0.9
     nesterov: bool = False
-    weight_decay: float = 1e-4  # not applied to BatchNorm weights and biases
-    label_smoothing: float = 0.1
-    warmup_epochs: float = 5.0  # linear from 0, then the decay below
+    weight_decay: Annotated[float, AT_LEAST_0] = 1e-4  # not applied to BatchNorm weights and biases
+    label_smoothing: Annotated[float, Range(0, 1, open_high=True)] = 0.1
+    warmup_epochs: Annotated[float, AT_LEAST_0] = 5.0  # linear from 0, then the decay below
     schedule: Literal["cosine", "step"] = "cosine"
-    step_epochs: tuple[int, ...] = (30, 60, 80)  # step decay boundaries, x0.1 each (He et al. 2016)
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
-    accumulation_steps: int = 1  # micro-batches per optimizer step; the global batch includes them
-    clip_grad_norm: float = 0.0  # max global gradient norm; 0: no clipping
-    ema_decay: float = 0.0  # EMA of the weights per update (torchvision's recipe: 0.99998 per step); 0: off
-    ema_every_steps: int = 32  # EMA update period in optimizer steps; the decay is raised to this power
+    step_epochs: tuple[Annotated[int, AT_LEAST_0], ...] = (
+        30,
+        60,
+        80,
+    )  # step decay boundaries, x0.1 each (He et al. 2016)
+    min_lr_ratio: Annotated[float, PROBABILITY] = 0.0  # cosine floor, as a fraction of the peak
+    accumulation_steps: Count = 1  # micro-batches per optimizer step; the global batch includes them
+    clip_grad_norm: Annotated[float, AT_LEAST_0] = 0.0  # max global gradient norm; 0: no clipping
+    ema_decay: Annotated[float, Range(0, 1, open_high=True)] = (
+        0.0  # EMA of the weights per update (torchvision's recipe: 0.99998 per step); 0: off
+    )
+    ema_every_steps: Count = 32  # EMA update period in optimizer steps; the decay is raised to this power
 
 
 @dataclass(frozen=True)
 class Scaling:
-    num_workers: int = 1  # Ray Train workers, one DDP rank each; the most, when min_workers is set
-    min_workers: int = 0  # > 0: elastic, any count from min_workers to num_workers (global batch kept)
-    resize_check_s: float = 60.0  # elastic: how often Ray looks for room to add workers
+    num_workers: Count = 1  # Ray Train workers, one DDP rank each; the most, when min_workers is set
+    min_workers: Annotated[int, AT_LEAST_0] = (
+        0  # > 0: elastic, any count from min_workers to num_workers (global batch kept)
+    )
+    resize_check_s: Annotated[float, POSITIVE] = 60.0  # elastic: how often Ray looks for room to add workers
     use_gpu: bool = False  # one GPU per worker; NCCL, mixed decoding and autocast follow from it
-    cpus_per_worker: int = 1
-    batch_size_per_worker: int = 32  # at num_workers; fewer workers accumulate more (global batch kept)
+    cpus_per_worker: Count = 1
+    batch_size_per_worker: Count = 32  # at num_workers; fewer workers accumulate more (global batch kept)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self):
@@ -106,17 +178,21 @@ class Scaling:
 @dataclass(frozen=True)
 class Run:
     storage_path: str = "runs"  # checkpoints go to <storage_path>/<run name>/
-    max_failures: int = 0  # worker failures Ray Train retries from the last checkpoint
-    keep_checkpoints: int = 2  # the best k by val/top1 are kept in storage, plus always the latest
-    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N global steps (0: at epoch ends only)
+    max_failures: Annotated[int, Range(-1)] = (
+        0  # worker failures Ray Train retries from the last checkpoint; -1: no limit
+    )
+    keep_checkpoints: Count = 2  # the best k by val/top1 are kept in storage, plus always the latest
+    checkpoint_every_steps: Annotated[int, AT_LEAST_0] = (
+        0  # also checkpoint mid-epoch every N global steps (0: at epoch ends only)
+    )
     sample_log: bool = False  # each rank appends the sample ids of every batch to <run>/samples/
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # NHWC: faster for tensor cores (about 1.2x for ResNet-50 with AMP) and for oneDNN's CPU
     # convolutions (ResNet-50 on 2 cores: training 1.33x at 224 px, 1.13x at 64 px; forward pass
     # 1.19x; docs/benchmarks.md)
     channels_last: bool = True
-    log_every_steps: int = 10  # progress lines per worker-0 steps
-    max_steps_per_epoch: int = 0  # 0: the whole epoch; >0 caps it (smoke tests)
+    log_every_steps: Count = 10  # progress lines per worker-0 steps
+    max_steps_per_epoch: Annotated[int, AT_LEAST_0] = 0  # 0: the whole epoch; >0 caps it (smoke tests)
     compile: bool = False  # torch.compile the model (minutes of compilation; pays on long GPU runs)
 
 
@@ -125,9 +201,11 @@ class Job:
     name: str = ""
     description: str = ""
     dataset: str = ""  # human-readable dataset name, for listings
-    epochs: int = 90
-    seed: int = 0
-    target_top1: float = 0.0  # the accuracy this job aims at; time to reach it is logged once reached
+    epochs: Count = 90
+    seed: Annotated[int, AT_LEAST_0] = 0
+    target_top1: Annotated[float, PROBABILITY] = (
+        0.0  # the accuracy this job aims at; time to reach it is logged once reached
+    )
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     optim: Optim = field(default_factory=Optim)
@@ -232,7 +310,7 @@ def _set_path(table: dict, key: str, value: Any) -> None:
 
 def build(cls: type, table: dict, prefix: str) -> Any:
     """Builds dataclass `cls` from a TOML table, checking every key and value type."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in table.items():
@@ -244,6 +322,13 @@ def build(cls: type, table: dict, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, dotted: str) -> Any:
+    if typing.get_origin(hint) is Annotated:
+        inner, *marks = typing.get_args(hint)
+        value = _coerce(inner, value, dotted)
+        for mark in marks:
+            if isinstance(mark, Range) and not mark.holds(value):
+                raise JobError(f"'{dotted}' is {value!r}, out of its range: it must be {mark}")
+        return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise JobError(f"'{dotted}' is a section; set its keys, for example {dotted}.<key>=...")

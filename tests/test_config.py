@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from pipeline.config import Job, JobError, from_dict, job_names, load_job, parse_override, to_dict
+from pipeline.config import JobError, from_dict, job_names, load_job, parse_override, to_dict
 
 
 @pytest.mark.parametrize("name", job_names())
@@ -86,9 +84,40 @@ def test_override_values_parse_as_toml_else_string() -> None:
     assert parse_override("data.root=/datasets/imagenet") == ("data.root", "/datasets/imagenet")
 
 
-def test_jobs_are_frozen() -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        Job().epochs = 3  # type: ignore[misc]
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("scaling.num_workers=0", "'scaling.num_workers' is 0, out of its range: it must be at least 1"),
+        ("optim.lr_per_256=-0.1", "'optim.lr_per_256' is -0.1, out of its range: it must be at least 0"),
+        ("data.hflip_prob=5", r"'data.hflip_prob' is 5.0, out of its range: it must be in \[0, 1\]"),
+        ("data.cutmix_prob=1.5", r"'data.cutmix_prob' is 1.5, .* in \[0, 1\]"),
+        ("data.scale=[0, 1]", r"'data.scale' is 0.0, .* in \(0, 1\]"),
+        ("data.scale=[0.9, 0.1]", "smallest area"),
+        ("data.color_jitter=[0.4, 0.4, 0.4, 0.7]", r"'data.color_jitter' is 0.7, .* in \[0, 0.5\]"),
+        ("data.rand_augment_m=31", r"'data.rand_augment_m' is 31, .* in \[0, 30\]"),
+        ("data.val_crop_px=300", "must fit in the resized image"),
+        ("data.std=[0.2, 0, 0.2]", "'data.std' is 0.0, .* above 0"),
+        ("optim.momentum=1", r"'optim.momentum' is 1.0, .* in \[0, 1\)"),
+        ("optim.ema_decay=1.0", r"'optim.ema_decay' is 1.0, .* in \[0, 1\)"),
+        ("optim.accumulation_steps=0", "'optim.accumulation_steps' is 0"),
+        ("scaling.batch_size_per_worker=-8", "'scaling.batch_size_per_worker' is -8"),
+        ("scaling.resize_check_s=0", "'scaling.resize_check_s' is 0.0, .* above 0"),
+        ("run.keep_checkpoints=0", "'run.keep_checkpoints' is 0"),
+        ("run.max_failures=-2", "'run.max_failures' is -2, .* at least -1"),
+        ("epochs=0", "'epochs' is 0"),
+        ("target_top1=80", r"'target_top1' is 80.0, .* in \[0, 1\]"),
+    ],
+)
+def test_numbers_out_of_their_range_are_refused_at_load(override: str, message: str) -> None:
+    with pytest.raises(JobError, match=message):
+        load_job("quickstart", [override])
+
+
+def test_the_edges_of_each_range_load() -> None:
+    edges = ["optim.lr_per_256=0", "data.hflip_prob=1", "run.max_failures=-1", "data.scale=[1, 1]",
+             "data.val_crop_px=73", "optim.momentum=0", "scaling.min_workers=0"]  # fmt: skip
+    job = load_job("quickstart", edges)
+    assert (job.optim.lr_per_256, job.data.hflip_prob, job.run.max_failures) == (0.0, 1.0, -1)
 
 
 def test_progressive_resizing_picks_the_crop_by_epoch() -> None:

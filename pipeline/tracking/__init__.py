@@ -158,6 +158,27 @@ def _environment() -> dict[str, str]:
     return tags
 
 
+def runs_named(client: MlflowClient, run_name: str, max_results: int = 1000) -> list:
+    """The runs named `run_name` in every experiment, newest first. MLflow's filter strings have
+    no escape for quotes: the name goes in the quotes it does not contain, and a name with both
+    kinds is matched here, over every run."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    order = ["attributes.start_time DESC"]
+    for quote in ("'", '"'):
+        if quote not in run_name:
+            where = f"attributes.run_name = {quote}{run_name}{quote}"
+            return list(client.search_runs(experiments, where, order_by=order, max_results=max_results))
+    found, token = [], None
+    while True:
+        page = client.search_runs(experiments, order_by=order, max_results=1000, page_token=token)
+        found += [run for run in page if run.info.run_name == run_name]
+        token = page.token
+        if not token or len(found) >= max_results:
+            return found[:max_results]
+
+
 def record_hardware(run_id: str, nodes: int, cpus: float, gpus: float, gpu_kind: str) -> None:
     """The cluster an attempt ran on (a resumed run records the latest one)."""
     tags = {"hardware.nodes": str(nodes), "hardware.cpus": f"{cpus:g}", "hardware.gpus": f"{gpus:g}"}

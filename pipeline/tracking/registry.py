@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import Job, to_dict
 from pipeline.data.index import Index
-from pipeline.tracking import quiet_mlflow, tracking_uri
+from pipeline.tracking import quiet_mlflow, runs_named, tracking_uri
 from pipeline.tracking.plots import log_class_errors, log_plots
 
 CHAMPION = "champion"
@@ -268,10 +268,4 @@ def _is_run_id(client: MlflowClient, text: str) -> bool:
 
 def _run_ids_named(client: MlflowClient, run_name: str) -> list[str]:
     """The ids of the runs named `run_name`, newest first, in every experiment."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(
-        experiments,
-        filter_string=f"attributes.run_name = '{run_name}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    return [run.info.run_id for run in runs]
+    return [run.info.run_id for run in runs_named(client, run_name)]

@@ -12,7 +12,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import runs_named, tracking_uri
 
 RESULTS = ("val/top1", "val/top5", "val/ema_top1", "train/loss", "train/images_per_s", "time_to_target_s")
 
@@ -72,13 +72,7 @@ def find_run(client: MlflowClient, name_or_id: str) -> Run:
         return client.get_run(name_or_id)
     except MlflowException:
         pass
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(
-        experiments,
-        filter_string=f"attributes.run_name = '{name_or_id}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    found = runs_named(client, name_or_id, max_results=1)
     if not found:
         where = tracking_uri()
         raise RunsError(f"no run named or with id '{name_or_id}' in {where} (see `resnet-pipe runs`)")

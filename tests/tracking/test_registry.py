@@ -23,8 +23,8 @@ from conftest import small_job
 from mlflow.tracking import MlflowClient
 
 from pipeline.cluster.launch import submit
-from pipeline.serve.client import wait_until_up
 from pipeline.data.index import load_index
+from pipeline.serve.client import wait_until_up
 from pipeline.system import free_port
 from pipeline.tracking import registry
 
