@@ -248,6 +248,13 @@ def app(settings: dict | None = None):
     """The application, configured by `Settings` (as a dict, the way `serve run` config files
     pass arguments)."""
     settings = asdict(Settings(**(settings or {})))
+    token = os.environ.get(TOKEN_ENV)  # into the replicas' environment, never into the config
+    if settings["require_token"] and not token:
+        raise ValueError(
+            f"require_token is set and {TOKEN_ENV} is not in the environment: set it where the app is "
+            "built (the Ray head's environment, from a Kubernetes Secret on KubeRay), or set "
+            "require_token: false to serve without authentication"
+        )
     scale = {"num_replicas": settings["replicas"]}
     if settings["replicas"] == "auto":
         scale = {
@@ -257,7 +264,6 @@ def app(settings: dict | None = None):
                 "target_ongoing_requests": settings["max_batch_size"],
             }
         }
-    token = os.environ.get(TOKEN_ENV)  # into the replicas' environment, never into the config
     return Classifier.options(
         **scale,
         max_ongoing_requests=settings["max_ongoing_requests"],

@@ -39,10 +39,14 @@ def promote(target: str, force: bool, rollback: bool) -> None:
 @click.option("--port", default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
 def ui(port: int, host: str) -> None:
-    """Start the MLflow UI over the local store (mlflow.db and mlartifacts/ here)."""
+    """Start the MLflow UI over the local store (mlflow.db and mlartifacts/ here); with a tracking
+    server in MLFLOW_TRACKING_URI, say where its UI is (it serves one itself)."""
     from pipeline.tracking import DEFAULT_ARTIFACTS, tracking_uri
 
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"MLflow UI: {uri}  (the tracking server in MLFLOW_TRACKING_URI; nothing to start)")
+        return
     command = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
         "--default-artifact-root", str(Path.cwd() / DEFAULT_ARTIFACTS), "--host", host, "--port", str(port),

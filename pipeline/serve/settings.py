@@ -36,6 +36,9 @@ class Settings:
     max_pixels: int = 40_000_000
     top_k: int = 5
     reload_check_s: float = 2.0  # how often the followed alias is looked up
+    # refuse to start unless RESNET_PIPE_SERVE_TOKEN is set (deploy/serve-config.yaml: on a
+    # cluster the app listens beyond loopback)
+    require_token: bool = False
 
 
 def build_app(settings: Settings):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,26 @@ def test_bench_data_prints_every_row_against_torchvision(prepared_dataset: Path)
     # each row against the first: the ratio column is each row's images/s over torchvision's
     assert ratios == pytest.approx([s / speeds[0] for s in speeds], abs=2e-3)
     assert ratios[0] == 1.0 and all(s > 0 for s in speeds)
+
+
+def test_follow_without_a_job_server_is_an_error_not_ignored(tmp_path: Path) -> None:
+    result = cli("submit", "quickstart", "--follow", cwd=tmp_path)
+    assert result.returncode == 2 and "--follow streams a job server's logs" in result.stderr
+    assert result.stdout.strip() == "NO-RAY"
+
+
+def test_allow_changes_needs_resume(tmp_path: Path) -> None:
+    result = cli("submit", "quickstart", "--allow-changes", cwd=tmp_path)
+    assert result.returncode == 2 and "--allow-changes goes with --resume" in result.stderr
+
+
+def test_ui_with_a_tracking_server_names_it_and_starts_nothing(tmp_path: Path) -> None:
+    server = "http://127.0.0.1:5999"  # nothing listens there: the command must not try
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "ui"], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"MLflow UI: {server}" in result.stdout and "nothing to start" in result.stdout
+    assert not (tmp_path / "mlartifacts").exists()

@@ -273,19 +273,26 @@ def test_the_port_is_haproxys_in_front_of_replicas_that_answer_http(served) -> N
     assert _healthy(url)["status"] == "ok"
 
 
-def test_the_cluster_config_builds_the_same_app() -> None:
+def test_the_cluster_config_builds_the_same_app_and_requires_a_token(monkeypatch) -> None:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from deploy.serve_app import app
 
-    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve-config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "serve-config.yaml").read_text())
     ServeDeploySchema(**config)  # what `serve deploy` validates
     (spec,) = config["applications"]
     assert spec["import_path"] == "deploy.serve_app:app"
+    # it listens beyond loopback, so it asks for a token and refuses to start without one
+    assert config["http_options"]["host"] == "0.0.0.0" and spec["args"]["require_token"] is True
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"{TOKEN_ENV} is not in the environment"):
+        app(spec["args"])
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
     deployment = app(spec["args"])._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == spec["args"]["max_replicas"]
     assert deployment.ray_actor_options["num_gpus"] == spec["args"]["gpus_per_replica"]
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"][TOKEN_ENV] == TOKEN
 
 
 class _Deploy:
