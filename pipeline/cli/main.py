@@ -183,10 +183,10 @@ def submit(
     from pipeline.cluster.launch import submit as launch_submit
     from pipeline.tracking import TrackingError
 
-    terminal = sys.stderr if sys.stderr.isatty() else None  # a live bar there; else progress lines
+    progress = sys.stderr if sys.stderr.isatty() else sys.stdout  # a live bar on a terminal; else lines
     try:
         outcome = launch_submit(
-            job, run_name or job.name, address, index, progress_to=terminal, allow_changes=allow_changes
+            job, run_name or job.name, address, index, progress_to=progress, allow_changes=allow_changes
         )
     except (TrackingError, SettingsChanged) as e:
         fail(str(e))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import Index, load_index
 from pipeline.train import checkpoint
 from pipeline.train.loop import train_loop_per_worker
-from pipeline.train.progress import Board, ProgressBar
+from pipeline.train.progress import Board, ProgressView
 
 # glibc malloc for a training process, read when a worker process starts: every allocation from
 # the heap, and freed memory kept, instead of mmap/munmap and fresh zeroed pages for the large
@@ -73,18 +75,26 @@ def cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS")
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, log_to_driver: bool = True) -> None:
     """Joins the Ray cluster at `address` (or RAY_ADDRESS), else starts a local one with
     LOCAL_RAY_ENV. A SIGTERM handler that the caller set stays: ray.init() puts its own in place
-    (`sys.exit`), which would end `deploy` mid-start without stopping what it started."""
+    (`sys.exit`), which would end `deploy` mid-start without stopping what it started.
+
+    `log_to_driver`: the output of Ray's workers and actors comes to this process's terminal
+    (deploy: Serve's replica and controller lines); a training run shows rank 0's lines only
+    (`pipeline.train.progress`), and the rest stays in Ray's log files. Ray colours the prefix
+    of each line it forwards; not when the output is a file or a pipe (RAY_COLOR_PREFIX)."""
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     handler = signal.getsignal(signal.SIGTERM)
     address = cluster_address(address)
+    quiet = {"logging_level": logging.WARNING}  # "Started a local Ray instance ...": Ray's bookkeeping
     if address is None:
-        start_local_ray(WORKER_ENV, log_to_driver=True)
+        start_local_ray(WORKER_ENV, log_to_driver=log_to_driver, **quiet)
     else:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": WORKER_ENV}, **quiet)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
 
@@ -110,6 +120,9 @@ def start_local_ray(env_vars: dict[str, str], **init_args) -> None:
     # takes free ones.
     for key in SERVE_SIDE_PORTS:
         os.environ[key] = str(system.free_port())
+    # a Ray of our own makes its own token and says so at every start, a warning a user can do
+    # nothing about (the token guards the dashboard on 127.0.0.1 all the same)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     port = system.free_port()
     ray.init(
         address="local",
@@ -143,7 +156,8 @@ def submit(
 
     Args:
         index: the job's dataset index, when the caller has read it already.
-        progress_to: a terminal to draw a live progress bar on (else rank 0 prints progress lines).
+        progress_to: where rank 0's lines go (epoch results, progress), with a live bar when it is
+            a terminal; None: nowhere (they stay in Ray's log files).
         allow_changes: resume a run whose checkpoints were trained with other settings (each
             change is recorded in the MLflow run); without it that is a `SettingsChanged` error.
         say: where the driver's own lines go (the MLflow run, a resume); benchmarks silence them.
@@ -177,9 +191,10 @@ def submit(
             return Outcome(True, meta["metrics"], run_id, run_dir)
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
-    connect(address)
+    connect(address, log_to_driver=False)
     _record_hardware(run_id)
     board = Board.remote() if progress_to is not None else None
+    live = progress_to is not None and progress_to.isatty()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -193,6 +208,7 @@ def submit(
             "tracking_env": tracking.credentials(),
             "step_hook": step_hook,
             "board": board,
+            "live_bar": live,
         },
         torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -219,9 +235,9 @@ def submit(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
         ),
     )
-    bar = ProgressBar(board, job.epochs, progress_to) if board else contextlib.nullcontext()
+    view = ProgressView(board, job.epochs, progress_to, live) if board else contextlib.nullcontext()
     try:
-        with bar:
+        with view:
             result = trainer.fit()
         error = str(result.error) if result.error else None
         metrics = dict(result.metrics or {})

@@ -38,6 +38,9 @@ log = logging.getLogger("resnet_pipe")
 # weights, plots): the terminal shows our progress and results, not MLflow's bookkeeping. Set in
 # the environment, the user's choice wins.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# and its INFO records ("Creating initial MLflow database tables ...", "Validating input example
+# against model signature") are its own bookkeeping too: warnings and errors still show
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 RUN_ID_FILE = "mlflow_run_id"  # in the run's storage folder: a resubmitted run reopens its MLflow run
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"

@@ -30,7 +30,7 @@ from pipeline.tracking import UNSENT_FILE, RunLogger
 from pipeline.train import checkpoint, usage
 from pipeline.train.ema import WeightEMA
 from pipeline.train.optim import build_optimizer, lr_at
-from pipeline.train.progress import Progress
+from pipeline.train.progress import BoardHandler, Progress
 from pipeline.train.step import Stepper, all_reduce_sum, evaluate, gather_objects
 
 log = logging.getLogger("resnet_pipe")
@@ -38,16 +38,17 @@ UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accura
 WARMUP_STEPS = 2  # steps left out of the images/s of an epoch
 
 
-def _setup_logging() -> None:
-    """Progress lines straight to the worker's stdout (Ray forwards it to the driver), once.
+def _setup_logging(board) -> None:
+    """Where this rank's lines go, once: rank 0's to the driver's board (`pipeline.train.progress`),
+    the others' to the worker's stdout (Ray's log files).
 
     Ray Train routes `print` and the root logger to its console handler at INFO, which also
-    echoes its own per-report records; the root logger goes to WARNING so the terminal shows
-    progress, not bookkeeping (Ray's log files still hold everything).
+    echoes its own per-report records; the root logger goes to WARNING (Ray's log files still hold
+    everything of Ray's).
     """
     logging.getLogger().setLevel(logging.WARNING)
     if not log.handlers:
-        handler = logging.StreamHandler(sys.__stdout__)
+        handler = BoardHandler(board) if board is not None else logging.StreamHandler(sys.__stdout__)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -79,7 +80,7 @@ class Worker:
     sample_log: Path | None  # where this rank appends the ids of every batch, when asked
     run_dir: Path
     step_hook: Callable[[int, int, int, Path], None] | None  # tests inject faults here; None for users
-    board: object | None  # rank 0: the driver's progress board (pipeline.train.progress), when it draws a bar
+    board: object | None  # rank 0, when the driver draws a live bar: its board (pipeline.train.progress)
     scaler: torch.amp.GradScaler | None = field(default=None)  # the Stepper's, once it exists
 
 
@@ -87,11 +88,12 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point. `config`: job (resolved, as a dict), data_root, run_dir,
     tracking_uri, mlflow_run_id, tracking_env (MLflow credentials), step_hook (called before
     each step as `hook(rank, world, step, run_dir)`: where tests inject faults; None otherwise),
-    and board: the driver's progress board, or None for progress lines."""
-    _setup_logging()
+    board: the driver's board (rank 0's lines go there; None: to stdout), and live_bar: whether
+    the driver draws a bar from rank 0's progress (else rank 0 sends progress lines)."""
     submitted = from_dict(config["job"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    _setup_logging(config.get("board") if rank == 0 else None)
     job = submitted.at_world(world)  # the same global batch at any worker count
     device = ray.train.torch.get_device()
     torch.set_num_threads(job.scaling.cpus_per_worker)
@@ -115,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger=_logger(config) if rank == 0 else None,
         sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
         run_dir=Path(config["run_dir"]), step_hook=config.get("step_hook"),
-        board=config.get("board") if rank == 0 else None,
+        board=config.get("board") if rank == 0 and config.get("live_bar") else None,
     )  # fmt: skip
     state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
     ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
@@ -176,6 +178,8 @@ def train_loop_per_worker(config: dict) -> None:
         _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch}, per_class)
     if rank == 0:
         worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
+        if config.get("board") is not None:  # every line said so far is on the board before the run ends
+            ray.get(config["board"].read.remote(0))
 
 
 def _logger(config: dict) -> RunLogger:

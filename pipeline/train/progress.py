@@ -1,17 +1,20 @@
-"""The live progress bar at the driver, fed by rank 0 through a small Ray actor.
+"""What the user sees of a run, at the driver, fed by rank 0 through a small Ray actor.
 
-Rank 0 posts its latest `Progress` (a few floats) to the board, fire-and-forget; the driver
-polls the board twice a second and redraws one tqdm bar per epoch. Without a terminal (logs,
-`ray job` drivers) there is no board and rank 0 prints progress lines instead.
+Rank 0 sends its lines (epoch results, a resume, a warning: what it logs to `resnet_pipe`) to
+the board, and on a terminal also its latest `Progress` (a few floats), fire-and-forget; the
+driver polls the board twice a second, prints the lines, and on a terminal redraws one tqdm bar
+per epoch (without one, rank 0 sends a progress line every `run.log_every_steps` steps instead).
+Nothing else of the workers reaches the driver's output: Ray's own messages stay in its logs.
 
-    board = Board.remote()                        # driver; the handle goes into the train config
-    board.post.remote(progress)                   # rank 0, every run.log_every_steps steps
-    with ProgressBar(board, epochs, sys.stderr):  # driver, around trainer.fit()
+    board = Board.remote()                              # driver; the handle goes into the train config
+    board.post.remote(progress); board.say.remote(line) # rank 0
+    with ProgressView(board, epochs, sys.stderr, live=True):  # driver, around trainer.fit()
         trainer.fit()
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import TextIO
@@ -53,49 +56,75 @@ class Progress:
 
 @ray.remote(num_cpus=0)
 class Board:
-    """Holds rank 0's latest progress."""
+    """Holds rank 0's latest progress and every line it said."""
 
     def __init__(self):
         self.latest = None
+        self.lines: list[str] = []
 
     def post(self, progress) -> None:
         self.latest = progress
 
-    def read(self):
-        return self.latest
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def read(self, since: int) -> tuple:
+        """The latest progress, and the lines from number `since` on."""
+        return self.latest, self.lines[since:]
 
 
-class ProgressBar:
-    """Redraws a bar from the board's latest progress on a background thread, until closed."""
+class BoardHandler(logging.Handler):
+    """Rank 0's log records, as lines on the board (fire-and-forget, in order)."""
 
-    def __init__(self, board, epochs: int, stream: TextIO):
-        self._board, self._epochs, self._stream = board, epochs, stream
+    def __init__(self, board):
+        super().__init__()
+        self.board = board
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.board.say.remote(self.format(record))
+
+
+class ProgressView:
+    """Prints the board's new lines to `stream`, and with `live` redraws a bar from its latest
+    progress, on a background thread until closed."""
+
+    def __init__(self, board, epochs: int, stream: TextIO, live: bool):
+        self._board, self._epochs, self._stream, self._live = board, epochs, stream, live
         self._bar: tqdm | None = None
         self._epoch = -1
+        self._said = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resnet-pipe-progress", daemon=True)
 
-    def __enter__(self) -> ProgressBar:
+    def __enter__(self) -> ProgressView:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._draw(ray.get(self._board.read.remote()))  # the last word, however quick the run
+        self._show(*ray.get(self._board.read.remote(self._said)))  # the last word, however quick the run
         if self._bar is not None:
             self._bar.close()
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):
             try:
-                self._draw(ray.get(self._board.read.remote(), timeout=POLL_S * 4))
+                self._show(*ray.get(self._board.read.remote(self._said), timeout=POLL_S * 4))
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                 continue  # a busy or restarting cluster: keep the last picture
 
+    def _show(self, progress, lines: list[str]) -> None:
+        for line in lines:
+            if self._bar is not None:
+                self._bar.write(line, file=self._stream)
+            else:
+                print(line, file=self._stream, flush=True)
+        self._said += len(lines)
+        if self._live and progress is not None:
+            self._draw(progress)
+
     def _draw(self, progress) -> None:
-        if progress is None:
-            return
         if progress.epoch != self._epoch:
             if self._bar is not None:
                 self._bar.close()

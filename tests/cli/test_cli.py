@@ -128,3 +128,25 @@ def test_ui_with_a_tracking_server_names_it_and_starts_nothing(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert f"MLflow UI: {server}" in result.stdout and "nothing to start" in result.stdout
     assert not (tmp_path / "mlartifacts").exists()
+
+
+@pytest.mark.ray
+def test_a_run_shows_our_progress_and_results_and_nothing_of_rays_or_mlflows(
+    prepared_dataset: Path, tmp_path: Path
+) -> None:
+    # `make run` as a user reads it, its output a file (not a terminal): rank 0's lines, the
+    # results, what was registered; no colour codes, no bookkeeping of Ray or MLflow
+    settings = [
+        f"data.root='{prepared_dataset}'", "epochs=1", "data.crop_px=32", "scaling.batch_size_per_worker=8",
+        "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1",
+    ]  # fmt: skip
+    result = cli(
+        "submit", "quickstart", *[w for s in settings for w in ("--set", s)], cwd=tmp_path, timeout_s=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shown = result.stdout + result.stderr
+    assert "epoch 0 step 3/3" in shown and "epoch 0: train/loss" in shown
+    assert "val/top1: " in shown and "registered model resnet50 version 1 (val/top1" in shown
+    for noise in ("\x1b[", "(RayTrainWorker", "(TrainController", "Downloading artifacts", "integer column",
+                  "Successfully registered", "Created version", "INFO ", "Token authentication"):  # fmt: skip
+        assert noise not in shown, (noise, shown[-3000:])

@@ -127,13 +127,34 @@ def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
             torch.testing.assert_close(end_b[part][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_the_driver_draws_a_live_progress_bar(ray_session, prepared_dataset, workdir) -> None:
-    terminal = io.StringIO()
+    terminal = _Terminal()
     done = submit(_small_job(prepared_dataset, "epochs=1"), "bar", progress_to=terminal)
     assert done.finished, done.error
     drawn = terminal.getvalue()
     assert "epoch 1/1" in drawn and "3/3 steps" in drawn
     assert all(part in drawn for part in ("loss ", " images/s", "data wait ", "ETA "))
+    assert "epoch 0: train/loss" in drawn  # rank 0's epoch line, printed above the bar
+
+
+def test_without_a_terminal_the_driver_prints_rank_0s_lines_and_nothing_of_rays(
+    ray_session, prepared_dataset, workdir
+) -> None:
+    log = io.StringIO()
+    done = submit(_small_job(prepared_dataset, "epochs=1"), "lines", progress_to=log)
+    assert done.finished, done.error
+    lines = log.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines[:3]] == [
+        "epoch 0 step 1/3",
+        "epoch 0 step 2/3",
+        "epoch 0 step 3/3",
+    ]
+    assert lines[3].startswith("epoch 0: train/loss") and len(lines) == 4
 
 
 def test_fit_function_returns_the_metrics_a_ray_train_worker_computed(ray_session, tmp_path) -> None:
