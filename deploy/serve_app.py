@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
+import ray
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline import system
 from pipeline.serve.client import TOKEN_ENV
 from pipeline.serve.inference import BadImage, Loaded, Preprocess, check_image, prediction, warmup_image
-from pipeline.serve.settings import Settings
+from pipeline.serve.settings import Settings, replica_resources
 from pipeline.tracking import registry
 
 log = logging.getLogger("ray.serve")
@@ -248,6 +249,10 @@ def app(settings: dict | None = None):
     """The application, configured by `Settings` (as a dict, the way `serve run` config files
     pass arguments)."""
     settings = asdict(Settings(**(settings or {})))
+    if settings["cpus_per_replica"] is None or settings["gpus_per_replica"] is None:
+        settings["cpus_per_replica"], settings["gpus_per_replica"] = replica_resources(
+            ray.nodes(), settings["cpus_per_replica"], settings["gpus_per_replica"]
+        )  # the cluster's nodes, not those of the machine that deploys
     token = os.environ.get(TOKEN_ENV)  # into the replicas' environment, never into the config
     if settings["require_token"] and not token:
         raise ValueError(

@@ -69,8 +69,11 @@ def ui(port: int, host: str) -> None:
     "--compile/--no-compile", "compile_model", default=True, show_default=True,
     help="torch.compile each version's forward pass as it loads (faster; seconds per batch size).",
 )  # fmt: skip
-@click.option("--cpus-per-replica", type=float, default=None, help="Default: all of this machine's cores.")
-@click.option("--gpus-per-replica", type=float, default=None, help="Default: 1 when there is a GPU.")
+@click.option(
+    "--cpus-per-replica", type=float, default=None,
+    help="Default: the CPUs of one GPU on the cluster's largest GPU node; without GPUs, its largest node's.",
+)  # fmt: skip
+@click.option("--gpus-per-replica", type=float, default=None, help="Default: 1 where the cluster has GPUs.")
 @click.option("--address", default=None, help="A Ray cluster to deploy on (default: a local Ray).")
 def deploy(
     target: str | None,
@@ -99,15 +102,13 @@ def deploy(
     # exit code 15 (while ray.init runs) or a stack trace and an abort (while replicas load).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        serving.check_address(address or os.environ.get("RAY_ADDRESS"))  # before anything starts
         version, alias = registry.serving_version(target)
-        import torch
-
-        gpus = gpus_per_replica if gpus_per_replica is not None else float(torch.cuda.is_available())
         settings = Settings(
             model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",
             replicas=replicas if replicas == "auto" else int(replicas),
-            cpus_per_replica=cpus_per_replica or float(len(os.sched_getaffinity(0))),
-            gpus_per_replica=gpus,
+            cpus_per_replica=cpus_per_replica,  # None: sized from the cluster's nodes (serve_app.app)
+            gpus_per_replica=gpus_per_replica,
             max_batch_size=max_batch_size,
             batch_wait_ms=batch_wait_ms,
             compile=compile_model,

@@ -21,7 +21,8 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     from pipeline import tracking
     from pipeline.cluster.launch import cluster_address, connect
 
-    if cluster_address(address) is None:  # a Ray of our own: the port is on this machine
+    address = check_address(cluster_address(address))
+    if address is None:  # a Ray of our own: the port is on this machine
         check_port_free(host, port)
     connect(address)
     settings = replace(
@@ -32,6 +33,17 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def check_address(address: str | None) -> str | None:
+    """`address` if deploy can join it; raises ServeError for a job server's (http://HEAD:8265)."""
+    if address is not None and address.startswith(("http://", "https://")):
+        raise ServeError(
+            f"{address} is a job server (the Ray dashboard), which deploy cannot join: give the cluster's "
+            "Ray address (ray://HEAD:10001 from another machine, or `auto` on a node of the cluster), "
+            f"or deploy its Serve config: serve deploy deploy/serve-config.yaml --address {address}"
+        )
+    return address
 
 
 def stop(address: str | None = None) -> None:

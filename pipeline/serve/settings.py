@@ -25,8 +25,8 @@ class Settings:
     tracking_env: dict = field(default_factory=dict)  # MLflow credentials for the replicas
     replicas: int | str = 1  # a number, or "auto": autoscaling between min and max_replicas
     max_replicas: int = 4
-    cpus_per_replica: float = 2.0  # also the replica's torch threads
-    gpus_per_replica: float = 0.0
+    cpus_per_replica: float | None = None  # also the replica's torch threads; None: `replica_resources`
+    gpus_per_replica: float | None = None  # None: 1 where the cluster has GPUs, else 0
     max_batch_size: int = 8
     batch_wait_ms: float = 20.0  # how long a batch waits to fill
     compile: bool = True  # torch.compile each version's forward pass as it loads (Loaded.compile)
@@ -45,3 +45,18 @@ def build_app(settings: Settings):
     """The Serve application of APP_IMPORT_PATH for `settings`."""
     module, _, builder = APP_IMPORT_PATH.partition(":")
     return getattr(importlib.import_module(module), builder)(asdict(settings))
+
+
+def replica_resources(nodes: list[dict], cpus: float | None, gpus: float | None) -> tuple[float, float]:
+    """The CPUs and GPUs of one replica, the ones not given (None) sized from the cluster's alive
+    nodes (`ray.nodes()`), wherever the command runs: one GPU a replica where the cluster has
+    GPUs, and the CPUs that come with one GPU on the largest such node (its CPUs over its GPUs);
+    on a cluster without GPUs, all the CPUs of its largest node."""
+    alive = [node["Resources"] for node in nodes if node.get("Alive")]
+    if gpus is None:
+        gpus = 1.0 if any(r.get("GPU", 0) >= 1 for r in alive) else 0.0
+    if cpus is None:
+        hosts = [r for r in alive if r.get("GPU", 0) >= gpus] if gpus else alive
+        shares = [r.get("CPU", 0) / (r["GPU"] / gpus if gpus else 1) for r in hosts]
+        cpus = float(max(1, int(max(shares, default=1))))
+    return cpus, gpus

@@ -150,3 +150,15 @@ def test_a_run_shows_our_progress_and_results_and_nothing_of_rays_or_mlflows(
     for noise in ("\x1b[", "(RayTrainWorker", "(TrainController", "Downloading artifacts", "integer column",
                   "Successfully registered", "Created version", "INFO ", "Token authentication"):  # fmt: skip
         assert noise not in shown, (noise, shown[-3000:])
+
+
+@pytest.mark.parametrize("how", ["flag", "RAY_ADDRESS"])
+def test_deploy_to_a_job_server_address_is_a_clear_error(how: str, tmp_path: Path) -> None:
+    server = "http://127.0.0.1:8265"
+    args = ["deploy", "resnet50/1"] + (["--address", server] if how == "flag" else [])
+    env = {**os.environ} | ({"RAY_ADDRESS": server} if how == "RAY_ADDRESS" else {})
+    command = [sys.executable, "-c", PROBE, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"{server} is a job server" in result.stderr and "ray://HEAD:10001" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout.strip() == "NO-RAY"
