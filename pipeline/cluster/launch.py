@@ -288,7 +288,7 @@ def fit_function(function: Callable[..., dict[str, float]], args: tuple, cpus: i
     """Runs `function(*args)` as the training function of a one-worker Ray Train run on `cpus`
     CPUs, set up as the pipeline's workers are (malloc settings, GIL switch interval), and returns
     the metrics it returns. Benchmarks use it to measure what Ray Train itself costs a loop."""
-    connect(None)
+    connect(None, log_to_driver=False)  # a benchmark prints its table, not its workers' lines
     trainer = TorchTrainer(
         _report_function,
         train_loop_config={"function": function, "args": args},

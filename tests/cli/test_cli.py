@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -162,3 +163,40 @@ def test_deploy_to_a_job_server_address_is_a_clear_error(how: str, tmp_path: Pat
     assert result.returncode == 2, result.stderr
     assert f"{server} is a job server" in result.stderr and "ray://HEAD:10001" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout.strip() == "NO-RAY"
+
+
+def test_submit_refuses_a_run_whose_checkpoints_have_other_settings(
+    prepared_dataset: Path, tmp_path: Path
+) -> None:
+    from pipeline.config import load_job, to_dict
+
+    root = f"data.root='{prepared_dataset}'"
+    saved = tmp_path / "runs" / "mine" / "checkpoint_000000"
+    saved.mkdir(parents=True)
+    meta = {"format": 3, "epoch": 1, "step": 9, "epoch_step": 0, "metrics": {}}
+    (saved / "meta.json").write_text(json.dumps(meta | {"job": to_dict(load_job("quickstart", [root]))}))
+    result = cli("submit", "quickstart", "--name", "mine", "--set", root, "--set", "optim.lr_per_256=0.2",
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "optim.lr_per_256 0.1 -> 0.2" in result.stderr and "--resume mine --allow-changes" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before anything started
+
+
+@pytest.mark.ray
+def test_bench_train_prints_its_table_and_nothing_of_its_private_runs(
+    prepared_dataset: Path, tmp_path: Path
+) -> None:
+    tiny = ["--steps", "3", "--batch", "2", "--crop", "32"]
+    result = cli("bench", "train", "--root", str(prepared_dataset), *tiny, cwd=tmp_path, timeout_s=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line != "RAY-IMPORTED"]
+    assert lines[0].split() == ["training", "images/s", "x", "bare", "loop"]
+    assert [line.split("  ")[0] for line in lines[1:5]] == [
+        "bare PyTorch loop, in-memory tensors", "the same loop as a Ray Train function",
+        "resnet-pipe, 1 worker x 2 threads", "resnet-pipe, 2 workers x 1 threads",
+    ]  # fmt: skip
+    assert lines[5].startswith("2 DDP workers against 1 worker") and len(lines) == 6
+    shown = result.stdout + result.stderr
+    for noise in ("registered", "Created version", "MLflow run", "(RayTrainWorker", "(TrainController"):
+        assert noise not in shown, (noise, shown[-3000:])
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # the user's stay clean

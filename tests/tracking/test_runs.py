@@ -81,3 +81,13 @@ def test_the_registered_model_refuses_what_serving_refuses(tmp_path: Path) -> No
         with pytest.raises(MlflowException, match=message) as refused:
             model.predict(None, pd.DataFrame({"image": [small.getvalue(), bad]}))
         assert refused.value.error_code == "INVALID_PARAMETER_VALUE" and "image 1" in str(refused.value)
+
+
+def test_the_bench_models_registration_prints_nothing(prepared_dataset: Path, workdir: Path, capfd) -> None:
+    from pipeline.bench.serve import _bench_model
+
+    model = _bench_model(prepared_dataset)
+    assert model == "resnet50/1"
+    out, err = capfd.readouterr()
+    for noise in ("registered", "Created version", "Downloading artifacts", "integer column"):
+        assert noise not in out + err, (noise, out + err)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 import timm
 import torch
@@ -16,7 +17,7 @@ from faults import RaiseAt
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from pipeline.cluster.launch import fit_function, submit
+from pipeline.cluster.launch import SettingsChanged, fit_function, submit
 from pipeline.data.index import load_index
 from pipeline.system import GIL_SWITCH_INTERVAL_S
 from pipeline.tracking import tracking_uri
@@ -172,3 +173,25 @@ def test_fit_function_returns_the_metrics_a_ray_train_worker_computed(ray_sessio
     assert metrics["value"] == 3.0 and metrics["world"] == 1
     assert metrics["pid"] != os.getpid()  # a worker process, not the driver
     assert metrics["switch_interval"] == GIL_SWITCH_INTERVAL_S  # set up as the pipeline's workers are
+
+
+def test_a_run_resubmitted_with_other_settings_is_refused_unless_resumed_with_allow_changes(
+    ray_session, prepared_dataset, workdir
+) -> None:
+    first = submit(_small_job(prepared_dataset, "epochs=1"), "changed")
+    assert first.finished, first.error
+    longer = _small_job(prepared_dataset, "epochs=2", "optim.lr_per_256=0.05")
+    with pytest.raises(SettingsChanged, match=r"epochs 1 -> 2, optim.lr_per_256 0.1 -> 0.05"):
+        submit(longer, "changed")  # nothing starts: the checkpoint stays where it was
+    assert checkpoint.read_meta(checkpoint.latest(first.run_dir))["epoch"] == 1
+
+    resumed = submit(longer, "changed", allow_changes=True)
+    assert resumed.finished, resumed.error
+    assert resumed.mlflow_run_id == first.mlflow_run_id
+    assert checkpoint.read_meta(checkpoint.latest(resumed.run_dir))["epoch"] == 2
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(first.mlflow_run_id)
+    assert run.data.tags["settings_changed"] == "step 3: epochs, optim.lr_per_256"
+    recorded = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/job/changed-at-step-3.json")
+    assert recorded["changed"]["optim.lr_per_256"] == {"was": 0.1, "now": 0.05}
+    assert run.data.params["optim.lr_per_256"] == "0.1"  # params stay as first logged
