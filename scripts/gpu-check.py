@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import load_job
 from pipeline.train.optim import build_optimizer
-from pipeline.train.step import Stepper, evaluate
+from pipeline.train.step import Stepper, configure_backends, evaluate
 
 WARMUP_STEPS = 15
 TIMED_STEPS = 40
@@ -27,6 +27,7 @@ TIMED_STEPS = 40
 
 def measure(arch: str, batch: int, precision: str, compile_model: bool = False) -> dict:
     device = torch.device("cuda")
+    configure_backends(device)  # as the training loop does
     job = load_job(f"imagenet-r{arch.removeprefix('resnet')}", [f"run.precision='{precision}'"])
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=1000).to(device).to(memory_format=torch.channels_last)

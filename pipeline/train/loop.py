@@ -31,7 +31,7 @@ from pipeline.train import checkpoint, usage
 from pipeline.train.ema import WeightEMA
 from pipeline.train.optim import build_optimizer, lr_at
 from pipeline.train.progress import BoardHandler, Progress
-from pipeline.train.step import Stepper, all_reduce_sum, evaluate, gather_objects
+from pipeline.train.step import Stepper, all_reduce_sum, configure_backends, evaluate, gather_objects
 
 log = logging.getLogger("resnet_pipe")
 UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accuracy
@@ -96,6 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     _setup_logging(config.get("board") if rank == 0 else None)
     job = submitted.at_world(world)  # the same global batch at any worker count
     device = ray.train.torch.get_device()
+    configure_backends(device)
     torch.set_num_threads(job.scaling.cpus_per_worker)
     system.quick_gil_handoffs()
 
@@ -235,23 +236,34 @@ def _save_and_report(
     Ray Train.
 
     Every rank calls this the same number of times (report is collective); only rank 0 writes.
+    Rank 0 writes the checkpoint to a local folder and Ray Train uploads it to the run's storage
+    in the background (CheckpointUploadMode.ASYNC, deleting the local copy once it is there), so
+    the workers go on training while a large checkpoint (about 720 MB for r152 with EMA) travels;
+    a resume takes the latest checkpoint whose upload completed. `train/checkpoint_s` is how
+    long the workers waited here.
     """
+    started = time.perf_counter()
     mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state(), "system": usage.sample()}
     ranks = gather_objects(mine)
     node_usage = usage.per_node([r.pop("system") for r in ranks])
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = None
-        if worker.rank == 0:
-            checkpoint.save(
-                Path(tmp), model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
-                epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,
-                scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
-                clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
-                per_class=per_class,
-            )  # fmt: skip
-            saved = ray.train.Checkpoint.from_directory(tmp)
-            worker.logger.log_metrics(node_usage, step=state.step)
-        ray.train.report(metrics, checkpoint=saved)
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="resnet-pipe-checkpoint-"))  # Ray deletes it after the upload
+    checkpoint.save(
+        folder, model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
+        epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,
+        scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
+        clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
+        per_class=per_class,
+    )  # fmt: skip
+    ray.train.report(
+        metrics,
+        checkpoint=ray.train.Checkpoint.from_directory(folder),
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
+    node_usage["train/checkpoint_s"] = time.perf_counter() - started
+    worker.logger.log_metrics(node_usage, step=state.step)
 
 
 def train_one_epoch(

@@ -3,12 +3,13 @@ size, with batches padded to the compiled sizes rather than compiled anew."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
 from pipeline.config import load_job
-from pipeline.serve.inference import Loaded, padded_sizes
+from pipeline.serve.inference import Loaded, Preprocess, padded_sizes
 
 
 def test_padded_sizes_are_the_powers_of_two_below_the_largest_batch_and_the_largest() -> None:
@@ -59,3 +60,39 @@ def test_a_second_version_compiled_in_the_same_process_answers_with_its_own_weig
             version.probabilities(images), eager.probabilities(images), atol=1e-5, rtol=1e-4
         )
     assert not torch.allclose(first.probabilities(images), second.probabilities(images))
+
+
+def _jpegs(count: int) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    images = []
+    for i in range(count):
+        out = io.BytesIO()
+        Image.new("RGB", (120 + 10 * i, 90), (40 * i, 100, 200 - 30 * i)).save(out, format="JPEG")
+        images.append(out.getvalue())
+    return images
+
+
+def test_preprocess_gives_a_batch_of_the_evaluation_crop_on_its_device() -> None:
+    job = load_job("quickstart", [])
+    crop = job.data.val_crop_px
+    batch = Preprocess(job, max_batch=4, device=torch.device("cpu"), threads=1)(_jpegs(3))
+    assert batch.shape == (3, 3, crop, crop) and batch.dtype == torch.float32
+    # normalized: a flat colour comes out as (value / 255 - mean) / std in every pixel of the crop
+    red = torch.tensor(job.data.mean)[0]
+    assert abs(float(batch[0, 0].mean()) - (0 / 255 - float(red)) / job.data.std[0]) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_preprocess_keeps_the_batch_on_the_gpu_and_answers_as_the_cpu() -> None:
+    # DALI's GPU output goes to torch on the GPU (no copy to the host and back); the images are
+    # the CPU pipeline's, up to the two decoders' and resizers' rounding
+    job = load_job("quickstart", [])
+    images = _jpegs(4)
+    on_gpu = Preprocess(job, max_batch=4, device=torch.device("cuda", 0), threads=2)(images)
+    on_cpu = Preprocess(job, max_batch=4, device=torch.device("cpu"), threads=2)(images)
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
+    assert (on_gpu.cpu() - on_cpu).abs().mean() < 0.05

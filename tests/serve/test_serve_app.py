@@ -84,7 +84,7 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
 def _champion() -> str:
     """The version resnet50@champion points at now: what the served app answers with, whichever
     tests ran before (the promotion test moves it, then moves it back)."""
-    return registry.serving_version("resnet50@champion")[0].version
+    return str(registry.serving_version("resnet50@champion")[0].version)
 
 
 def _healthy(url: str) -> dict:
@@ -232,12 +232,12 @@ def test_a_promotion_mid_stream_switches_versions_without_failing_a_request(serv
         first = _champion()
         best = checkpoint.best(run.run_dir)
         state = checkpoint.load(best)
-        second = registry.register(run.mlflow_run_id, state, str(best), job, load_index(prepared_dataset))
-        registry.promote(f"resnet50/{second.version}", force=True)  # the same weights: forced
+        second = str(
+            registry.register(run.mlflow_run_id, state, str(best), job, load_index(prepared_dataset)).version
+        )
+        registry.promote(f"resnet50/{second}", force=True)  # the same weights: forced
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(
-            a[1].get("version") == second.version for a in answers[-3:]
-        ):
+        while time.monotonic() < deadline and not any(a[1].get("version") == second for a in answers[-3:]):
             time.sleep(0.2)
         time.sleep(1)
     finally:
@@ -245,9 +245,9 @@ def test_a_promotion_mid_stream_switches_versions_without_failing_a_request(serv
         streaming.join()
     assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
     versions = [answer["version"] for _, answer in answers]
-    switch = versions.index(second.version)
-    assert switch > 0 and set(versions[:switch]) == {first} and set(versions[switch:]) == {second.version}
-    assert _healthy(url)["version"] == second.version
+    switch = versions.index(second)
+    assert switch > 0 and set(versions[:switch]) == {first} and set(versions[switch:]) == {second}
+    assert _healthy(url)["version"] == second
 
     # and back, so that the tests after this one find the fixture as it was
     registry.rollback("resnet50")

@@ -75,6 +75,10 @@ def test_fault_then_resume_finishes_one_tracked_run(ray_session, prepared_datase
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
     assert client.get_metric_history(run.info.run_id, "time_to_target_s")  # 0.01 top-1 is reached at once
+    # how long the workers waited at each checkpoint (the upload itself runs in the background):
+    # one per epoch end, at its global step
+    waits = client.get_metric_history(run.info.run_id, "train/checkpoint_s")
+    assert sorted(m.step for m in waits) == [3, 6, 9] and all(0 < m.value < 60 for m in waits)
     top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/top1")}
     assert top1[EPOCHS - 1] == pytest.approx(done.metrics["val/top1"])
 
