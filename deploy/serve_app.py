@@ -13,7 +13,7 @@ Endpoints (OpenAPI description at /openapi.json, browsable at /docs):
 Each image is checked (`pipeline.serve.inference.check_image`: body size, format, pixel count, a full
 decode at reduced scale) before it joins a batch, so a bad request gets a 4xx JSON error and
 never fails anyone else's.
-Preprocessing is `pipeline.loader.serve_pipeline`: the same DALI graph as validation.
+Preprocessing is `pipeline.data.loader.serve_pipeline`: the same DALI graph as validation.
 """
 
 import asyncio

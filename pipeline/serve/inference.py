@@ -166,7 +166,7 @@ def padded_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 class Preprocess:
-    """`pipeline.loader.serve_pipeline` for batches of up to `max_batch` encoded images. An image
+    """`pipeline.data.loader.serve_pipeline` for batches of up to `max_batch` encoded images. An image
     DALI cannot decode raises; the next call runs on a new pipeline (`pipeline.data.loader.FedPipeline`)."""
 
     def __init__(self, job, max_batch: int, device: torch.device, threads: int):
