@@ -18,10 +18,11 @@ PROBE = (
 )
 
 
-def cli(*args: str, cwd: Path | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout_s
-    )
+def cli(
+    *args: str, cwd: Path | None = None, timeout_s: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", PROBE, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout_s, env=env)
 
 
 def test_jobs_lists_model_dataset_epochs_workers() -> None:
@@ -141,9 +142,10 @@ def test_a_run_shows_our_progress_and_results_and_nothing_of_rays_or_mlflows(
         f"data.root='{prepared_dataset}'", "epochs=1", "data.crop_px=32", "scaling.batch_size_per_worker=8",
         "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1",
     ]  # fmt: skip
-    result = cli(
-        "submit", "quickstart", *[w for s in settings for w in ("--set", s)], cwd=tmp_path, timeout_s=300
-    )
+    # the variables that once injected faults into production code: a stray one must change nothing
+    stray = os.environ | {"RESNET_PIPE_FAIL_AT_STEP": "1", "RESNET_PIPE_KILL_AT_STEP": "2"}
+    sets = [w for s in settings for w in ("--set", s)]
+    result = cli("submit", "quickstart", *sets, cwd=tmp_path, timeout_s=300, env=stray)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     shown = result.stdout + result.stderr
     assert "epoch 0 step 3/3" in shown and "epoch 0: train/loss" in shown
