@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -198,7 +199,8 @@ def _resnet_pipe(
         max_batch_size=batch, batch_wait_ms=wait_ms,
         max_ongoing_requests=4 * clients, max_queued_requests=4 * clients,
     )  # fmt: skip
-    url = serving.start(settings, port=free_port())
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Application ... is ready": not the bench's
+    url = serving.start(settings, port=free_port(), log_to_driver=False)  # not a line per request
     try:
         row = drive(_Connections(f"{url}/predict", "image/jpeg").post, images, clients, seconds)
         bare = drive(_Connections(f"{url}/health").get, images, clients, seconds)

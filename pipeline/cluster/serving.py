@@ -13,7 +13,13 @@ from pipeline.serve.client import ServeError
 from pipeline.serve.settings import APP_NAME, Settings, build_app
 
 
-def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> str:
+def start(
+    settings: Settings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    log_to_driver: bool = True,
+) -> str:
     """Deploys the app on Ray Serve (a local Ray unless `address`), answering on host:port;
     returns its URL once every replica has loaded the model."""
     from ray import serve
@@ -24,7 +30,7 @@ def start(settings: Settings, host: str = "127.0.0.1", port: int = 8000, address
     address = check_address(cluster_address(address))
     if address is None:  # a Ray of our own: the port is on this machine
         check_port_free(host, port)
-    connect(address)
+    connect(address, log_to_driver)  # deploy shows Serve's lines; a benchmark, only its table
     settings = replace(
         settings,
         tracking_uri=settings.tracking_uri or tracking.tracking_uri(),
