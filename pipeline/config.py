@@ -49,10 +49,14 @@ class Range:
         return f"in {left}{self.low:g}, {self.high:g}{right}"
 
 
-POSITIVE = Range(0, open_low=True)
-AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
-PROBABILITY = Range(0, 1)
-Count = Annotated[int, AT_LEAST_1]  # workers, threads, steps, pixels: one or more
+# The ranges of the schema, named for what they hold
+Count = Annotated[int, Range(1)]  # workers, threads, steps, pixels: one or more
+Whole = Annotated[int, Range(0)]  # an epoch, a step, a seed: zero or more
+NonNegative = Annotated[float, Range(0)]
+Positive = Annotated[float, Range(0, open_low=True)]
+Probability = Annotated[float, Range(0, 1)]
+Fraction = Annotated[float, Range(0, 1, open_high=True)]  # a decay or a smoothing: below 1
+Area = Annotated[float, Range(0, 1, open_low=True)]  # a share of the image's area
 
 
 @dataclass(frozen=True)
@@ -60,47 +64,23 @@ class Data:
     root: str = "data/sample"  # dataset folder; `resnet-pipe data prepare ROOT` writes ROOT/index/
     source: Literal["files", "shards"] = "files"  # shards: ROOT/index/shards/*.tar (`prepare --shards`)
     crop_px: Count = 224  # training crop, square
-    scale: tuple[
-        Annotated[float, Range(0, 1, open_low=True)], Annotated[float, Range(0, 1, open_low=True)]
-    ] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
-    ratio: tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE]] = (
-        3 / 4,
-        4 / 3,
-    )  # random-resized-crop aspect range
-    hflip_prob: Annotated[float, PROBABILITY] = 0.5
-    color_jitter: tuple[
-        Annotated[float, AT_LEAST_0],
-        Annotated[float, AT_LEAST_0],
-        Annotated[float, AT_LEAST_0],
-        Annotated[float, Range(0, 0.5)],
-    ] = (
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-    )  # brightness, contrast, saturation, hue
+    scale: tuple[Area, Area] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
+    ratio: tuple[Positive, Positive] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    hflip_prob: Probability = 0.5
+    # brightness, contrast, saturation (factors in [1 - x, 1 + x]), hue (up to +-h of a turn)
+    color_jitter: tuple[NonNegative, NonNegative, NonNegative, Annotated[float, Range(0, 0.5)]] = (0.0,) * 4
     auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugment Wide or RandAugment
     rand_augment_n: Count = 2  # operations per image (Cubuk et al. 2019)
     rand_augment_m: Annotated[int, Range(0, 30)] = 9  # magnitude, of 30 bins
-    random_erasing_prob: Annotated[float, PROBABILITY] = (
-        0.0  # torchvision's recipe uses 0.1 (Zhong et al. 2017)
-    )
-    mixup_alpha: Annotated[float, AT_LEAST_0] = (
-        0.0  # Beta(alpha, alpha) mixing weight; 0 turns mixup off (recipes: 0.2)
-    )
-    cutmix_alpha: Annotated[float, AT_LEAST_0] = 0.0  # 0 turns CutMix off (recipes: 1.0)
-    cutmix_prob: Annotated[float, PROBABILITY] = 0.5  # with both on, the share of batches that get CutMix
-    progressive_px: tuple[
-        tuple[Annotated[int, AT_LEAST_0], Count], ...
-    ] = ()  # [[epoch, crop_px], ...]: crop grows from that epoch
+    random_erasing_prob: Probability = 0.0  # torchvision's recipe uses 0.1 (Zhong et al. 2017)
+    mixup_alpha: NonNegative = 0.0  # Beta(alpha, alpha) mixing weight; 0 turns mixup off (recipes: 0.2)
+    cutmix_alpha: NonNegative = 0.0  # 0 turns CutMix off (recipes: 1.0)
+    cutmix_prob: Probability = 0.5  # with both on, the share of batches that get CutMix
+    progressive_px: tuple[tuple[Whole, Count], ...] = ()  # [[epoch, crop_px], ...]: from that epoch on
     val_resize_px: Count = 256  # shorter side before the center crop (224/256 = 0.875, He et al.)
     val_crop_px: Count = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean, 0..1 scale
-    std: tuple[Annotated[float, POSITIVE], Annotated[float, POSITIVE], Annotated[float, POSITIVE]] = (
-        0.229,
-        0.224,
-        0.225,
-    )
+    std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
     threads_per_worker: Count = 2  # DALI CPU threads per training worker
     prefetch_batches: Count = 2  # DALI prefetch queue depth
 
@@ -130,34 +110,26 @@ class Model:
 class Optim:
     name: Literal["sgd", "lamb"] = "sgd"  # LAMB (You et al. 2020) for the "ResNet strikes back" recipes
     loss: Literal["ce", "bce"] = "ce"  # bce: binary cross-entropy per class (Wightman et al. 2021)
-    lr_per_256: Annotated[float, AT_LEAST_0] = 0.1  # scaled by global_batch_size / 256 (Goyal et al. 2017)
-    momentum: Annotated[float, Range(0, 1, open_high=True)] = 0.9
+    lr_per_256: NonNegative = 0.1  # scaled by global_batch_size / 256 (Goyal et al. 2017)
+    momentum: Fraction = 0.9
     nesterov: bool = False
-    weight_decay: Annotated[float, AT_LEAST_0] = 1e-4  # not applied to BatchNorm weights and biases
-    label_smoothing: Annotated[float, Range(0, 1, open_high=True)] = 0.1
-    warmup_epochs: Annotated[float, AT_LEAST_0] = 5.0  # linear from 0, then the decay below
+    weight_decay: NonNegative = 1e-4  # not applied to BatchNorm weights and biases
+    label_smoothing: Fraction = 0.1
+    warmup_epochs: NonNegative = 5.0  # linear from 0, then the decay below
     schedule: Literal["cosine", "step"] = "cosine"
-    step_epochs: tuple[Annotated[int, AT_LEAST_0], ...] = (
-        30,
-        60,
-        80,
-    )  # step decay boundaries, x0.1 each (He et al. 2016)
-    min_lr_ratio: Annotated[float, PROBABILITY] = 0.0  # cosine floor, as a fraction of the peak
+    step_epochs: tuple[Whole, ...] = (30, 60, 80)  # step decay boundaries, x0.1 each (He et al. 2016)
+    min_lr_ratio: Probability = 0.0  # cosine floor, as a fraction of the peak
     accumulation_steps: Count = 1  # micro-batches per optimizer step; the global batch includes them
-    clip_grad_norm: Annotated[float, AT_LEAST_0] = 0.0  # max global gradient norm; 0: no clipping
-    ema_decay: Annotated[float, Range(0, 1, open_high=True)] = (
-        0.0  # EMA of the weights per update (torchvision's recipe: 0.99998 per step); 0: off
-    )
+    clip_grad_norm: NonNegative = 0.0  # max global gradient norm; 0: no clipping
+    ema_decay: Fraction = 0.0  # per update (torchvision's recipe: 0.99998 per step); 0: no EMA of the weights
     ema_every_steps: Count = 32  # EMA update period in optimizer steps; the decay is raised to this power
 
 
 @dataclass(frozen=True)
 class Scaling:
     num_workers: Count = 1  # Ray Train workers, one DDP rank each; the most, when min_workers is set
-    min_workers: Annotated[int, AT_LEAST_0] = (
-        0  # > 0: elastic, any count from min_workers to num_workers (global batch kept)
-    )
-    resize_check_s: Annotated[float, POSITIVE] = 60.0  # elastic: how often Ray looks for room to add workers
+    min_workers: Whole = 0  # > 0: elastic, any count from min_workers to num_workers (global batch kept)
+    resize_check_s: Positive = 60.0  # elastic: how often Ray looks for room to add workers
     use_gpu: bool = False  # one GPU per worker; NCCL, mixed decoding and autocast follow from it
     cpus_per_worker: Count = 1
     batch_size_per_worker: Count = 32  # at num_workers; fewer workers accumulate more (global batch kept)
@@ -178,13 +150,9 @@ class Scaling:
 @dataclass(frozen=True)
 class Run:
     storage_path: str = "runs"  # checkpoints go to <storage_path>/<run name>/
-    max_failures: Annotated[int, Range(-1)] = (
-        0  # worker failures Ray Train retries from the last checkpoint; -1: no limit
-    )
+    max_failures: Annotated[int, Range(-1)] = 0  # Ray Train retries from the last checkpoint; -1: no end
     keep_checkpoints: Count = 2  # the best k by val/top1 are kept in storage, plus always the latest
-    checkpoint_every_steps: Annotated[int, AT_LEAST_0] = (
-        0  # also checkpoint mid-epoch every N global steps (0: at epoch ends only)
-    )
+    checkpoint_every_steps: Whole = 0  # also mid-epoch, every N global steps (0: at epoch ends only)
     sample_log: bool = False  # each rank appends the sample ids of every batch to <run>/samples/
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # NHWC: faster for tensor cores (about 1.2x for ResNet-50 with AMP) and for oneDNN's CPU
@@ -192,7 +160,7 @@ class Run:
     # 1.19x; docs/benchmarks.md)
     channels_last: bool = True
     log_every_steps: Count = 10  # progress lines per worker-0 steps
-    max_steps_per_epoch: Annotated[int, AT_LEAST_0] = 0  # 0: the whole epoch; >0 caps it (smoke tests)
+    max_steps_per_epoch: Whole = 0  # 0: the whole epoch; >0 caps it (smoke tests)
     compile: bool = False  # torch.compile the model (minutes of compilation; pays on long GPU runs)
 
 
@@ -202,10 +170,8 @@ class Job:
     description: str = ""
     dataset: str = ""  # human-readable dataset name, for listings
     epochs: Count = 90
-    seed: Annotated[int, AT_LEAST_0] = 0
-    target_top1: Annotated[float, PROBABILITY] = (
-        0.0  # the accuracy this job aims at; time to reach it is logged once reached
-    )
+    seed: Whole = 0
+    target_top1: Probability = 0.0  # the accuracy this job aims at; time to reach it is logged once reached
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     optim: Optim = field(default_factory=Optim)

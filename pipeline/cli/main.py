@@ -6,7 +6,6 @@ exit code 2, before Ray starts.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import click
 from pipeline.cli.bench import bench
 from pipeline.cli.common import check_prepared, fail, load_job_or_fail, print_table
 from pipeline.cli.serving import deploy, predict, promote, ui
+from pipeline.cluster.address import cluster_address, is_job_server
 from pipeline.config import flatten, job_names, to_dict
 from pipeline.data.index import DatasetError
 
@@ -152,8 +152,8 @@ def submit(
 ) -> None:
     """Train JOB on Ray Train; resumes the run if it has checkpoints (with the same settings)."""
     job = load_job_or_fail(job_name, overrides)
-    address = address or os.environ.get("RAY_ADDRESS")
-    remote = bool(address and address.startswith(("http://", "https://")))  # a job server
+    address = cluster_address(address)
+    remote = is_job_server(address)
     if follow and not remote:
         fail(
             "--follow streams a job server's logs: give --address http://HEAD:8265 (or RAY_ADDRESS); "

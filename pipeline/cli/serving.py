@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -91,6 +90,7 @@ def deploy(
     recently updated model); it follows the alias: a promotion or rollback switches versions.
     Set RESNET_PIPE_SERVE_TOKEN to require `Authorization: Bearer <token>`."""
     from pipeline.cluster import serving
+    from pipeline.cluster.address import cluster_address
     from pipeline.serve.client import ServeError
     from pipeline.serve.settings import Settings
     from pipeline.tracking import registry
@@ -102,7 +102,7 @@ def deploy(
     # exit code 15 (while ray.init runs) or a stack trace and an abort (while replicas load).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serving.check_address(address or os.environ.get("RAY_ADDRESS"))  # before anything starts
+        serving.check_address(cluster_address(address))  # before anything starts
         version, alias = registry.serving_version(target)
         settings = Settings(
             model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",

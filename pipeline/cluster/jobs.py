@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from pipeline.cluster.address import cluster_address
 from pipeline.config import Job
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ class ClusterError(ValueError):
 
 
 def client(address: str | None) -> JobSubmissionClient:
-    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    address = cluster_address(address) or DEFAULT_ADDRESS
     return JobSubmissionClient(address, headers=_auth_headers())
 
 

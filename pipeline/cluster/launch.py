@@ -24,6 +24,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import system, tracking
+from pipeline.cluster.address import cluster_address
 from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import Index, load_index
 from pipeline.train import checkpoint
@@ -67,12 +68,6 @@ class Outcome:
 
 class SettingsChanged(ValueError):
     """A run resubmitted with settings that differ from those its checkpoints were trained with."""
-
-
-def cluster_address(address: str | None) -> str | None:
-    """The Ray cluster that `connect(address)` joins: `address`, else RAY_ADDRESS; None: a Ray
-    of our own, started on this machine."""
-    return address or os.environ.get("RAY_ADDRESS")
 
 
 def connect(address: str | None, log_to_driver: bool = True) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 
+from pipeline.cluster.address import cluster_address, is_job_server
 from pipeline.serve.client import ServeError
 from pipeline.serve.settings import APP_NAME, Settings, build_app
 
@@ -25,7 +26,7 @@ def start(
     from ray import serve
 
     from pipeline import tracking
-    from pipeline.cluster.launch import cluster_address, connect
+    from pipeline.cluster.launch import connect
 
     address = check_address(cluster_address(address))
     if address is None:  # a Ray of our own: the port is on this machine
@@ -43,7 +44,7 @@ def start(
 
 def check_address(address: str | None) -> str | None:
     """`address` if deploy can join it; raises ServeError for a job server's (http://HEAD:8265)."""
-    if address is not None and address.startswith(("http://", "https://")):
+    if is_job_server(address):
         raise ServeError(
             f"{address} is a job server (the Ray dashboard), which deploy cannot join: give the cluster's "
             "Ray address (ray://HEAD:10001 from another machine, or `auto` on a node of the cluster), "
@@ -56,8 +57,6 @@ def stop(address: str | None = None) -> None:
     """Takes the app down; on a Ray of our own, all of Serve, so that its HAProxy stops too
     (HAProxy outlives a Ray that dies under it, still holding the port)."""
     from ray import serve
-
-    from pipeline.cluster.launch import cluster_address
 
     if cluster_address(address) is None:
         serve.shutdown()

@@ -179,8 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
         _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch}, per_class)
     if rank == 0:
         worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
-        if config.get("board") is not None:  # every line said so far is on the board before the run ends
-            ray.get(config["board"].read.remote(0))
+        if config.get("board") is not None:
+            ray.get(config["board"].flush.remote())
 
 
 def _logger(config: dict) -> RunLogger:

@@ -72,6 +72,10 @@ class Board:
         """The latest progress, and the lines from number `since` on."""
         return self.latest, self.lines[since:]
 
+    def flush(self) -> None:
+        """Returns once every earlier call of the caller has been taken (an actor runs one
+        caller's calls in order): rank 0's last lines are on the board before its run ends."""
+
 
 class BoardHandler(logging.Handler):
     """Rank 0's log records, as lines on the board (fire-and-forget, in order)."""
