@@ -61,8 +61,11 @@ Area = Annotated[float, Range(0, 1, open_low=True)]  # a share of the image's ar
 
 @dataclass(frozen=True)
 class Data:
-    root: str = "data/sample"  # dataset folder; `resnet-pipe data prepare ROOT` writes ROOT/index/
+    root: str = "data/sample"  # dataset folder or s3://... (`data prepare ROOT`, then `data upload`)
     source: Literal["files", "shards"] = "files"  # shards: ROOT/index/shards/*.tar (`prepare --shards`)
+    # each node copies a dataset on an object store here once, and reads it from local disk
+    # (docs/benchmarks.md); "": DALI reads the shards from the object store itself
+    cache_dir: str = "/tmp/resnet-pipe/datasets"
     crop_px: Count = 224  # training crop, square
     scale: tuple[Area, Area] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
     ratio: tuple[Positive, Positive] = (3 / 4, 4 / 3)  # random-resized-crop aspect range

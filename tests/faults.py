@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray.cloudpickle
+
+from pipeline.storage import Location
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -22,7 +23,7 @@ class RaiseAt:
 
     step: int
 
-    def __call__(self, rank: int, world: int, step: int, run_dir: Path) -> None:
+    def __call__(self, rank: int, world: int, step: int, run_dir: Location) -> None:
         if step == self.step and rank == 0:
             raise RuntimeError(f"injected fault at step {step}")
 
@@ -34,11 +35,10 @@ class KillAt:
 
     step: int
 
-    def __call__(self, rank: int, world: int, step: int, run_dir: Path) -> None:
+    def __call__(self, rank: int, world: int, step: int, run_dir: Location) -> None:
         if step != self.step or rank != world - 1:
             return
         marker = run_dir / "faults" / f"killed-at-step-{step}"
         if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            marker.write_text("")
             os.kill(os.getpid(), signal.SIGKILL)

@@ -6,11 +6,17 @@ torchvision decodes with PIL in `workers` DataLoader processes; DALI runs `worke
 A third row is DALI's ceiling: decode and resize alone. On a GPU machine a fourth row decodes
 with nvJPEG ("mixed"). Each row runs for `seconds` after a warm-up, one after the other in
 the same process, and the ratio is printed.
+
+With a dataset on an object store (`--root s3://...`, uploaded by `data upload`), it compares the
+two ways a node can train from there against the same pipeline over a plain copy of the shards
+on local disk: each node's staged copy (`pipeline.data.cache`, checksummed; its staging time is
+reported), and DALI's readers opening the s3:// URLs themselves.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -25,9 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from pipeline.config import Job, load_job
+from pipeline.data.cache import stage
 from pipeline.data.index import Index, load_index
 from pipeline.data.layouts import IMAGE_SUFFIXES
 from pipeline.data.loader import antialiased_resize, build_loader
+from pipeline.data.shards import shard_dir
+from pipeline.storage import Location
 
 MIN_FILES = 1024  # a small folder is repeated up to this many entries, so an epoch outlasts the warm-up
 
@@ -49,12 +58,12 @@ def bench_index(root: Path) -> Index:
     if not files:
         raise FileNotFoundError(f"no images under {root}")
     files = (files * (MIN_FILES // len(files) + 1))[: max(MIN_FILES, len(files))]
-    return Index(root, ["all"], ["all"], {"train": [(f, 0) for f in files], "val": []}, "")
+    return Index(Location(root), ["all"], ["all"], {"train": [(f, 0) for f in files], "val": []}, "")
 
 
 class _Files(Dataset):
     def __init__(self, index: Index, transform: Callable):
-        self.paths = [index.root / f for f in index.files("train")]
+        self.paths = [index.root.local_path() / f for f in index.files("train")]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -101,7 +110,7 @@ def _decode_resize(files: list[str], file_root: str, data, gpu: bool, threads: i
 def ceiling_loader(index: Index, job: Job, workers: int, gpu: bool) -> DALIGenericIterator:
     pipe = _decode_resize(
         files=index.files("train"),
-        file_root=str(index.root),
+        file_root=index.root.uri,
         data=job.data,
         gpu=gpu,
         threads=workers,
@@ -153,3 +162,38 @@ def bench_data(
             ("DALI training pipeline (GPU decode)", lambda: build_loader(job, index, "train", device=gpu))
         )
     return [measure(name, make(), seconds) for name, make in rows]
+
+
+@dataclass(frozen=True)
+class Staging:
+    megabytes: float
+    seconds: float
+
+
+def bench_data_remote(
+    root: str, seconds: float = 20.0, workers: int | None = None, crop_px: int = 224, batch: int = 128
+) -> tuple[list[Result], Staging]:
+    """The training pipeline over the shards of the dataset at `root` (an object store's URI):
+    from a plain local copy, from a node's staged copy, and read from the object store; and the
+    time the staged copy took."""
+    workers = workers or len(os.sched_getaffinity(0))
+    settings = [f"data.crop_px={crop_px}", f"scaling.batch_size_per_worker={batch}", "data.source='shards'"]
+    job = load_job("imagenet-r50", settings)
+    job = replace(job, data=replace(job.data, threads_per_worker=workers))
+    remote = load_index(root)
+    with tempfile.TemporaryDirectory(prefix="resnet-pipe-bench-") as tmp:
+        (remote.root / "index").download(Path(tmp) / "plain" / "index")
+        local = load_index(Path(tmp) / "plain")
+        started = time.perf_counter()
+        staged = load_index(stage(remote.root, Path(tmp) / "cache"))
+        took = Staging(_megabytes(shard_dir(staged.root.local_path())), time.perf_counter() - started)
+        rows = [
+            ("DALI training pipeline, shards on local disk", lambda: build_loader(job, local, "train")),
+            ("the same from the node's staged copy", lambda: build_loader(job, staged, "train")),
+            (f"the same reading {root} directly", lambda: build_loader(job, remote, "train")),
+        ]
+        return [measure(name, make(), seconds) for name, make in rows], took
+
+
+def _megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir()) / 1e6

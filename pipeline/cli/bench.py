@@ -21,20 +21,47 @@ def _root_option(help: str):
 
 
 @bench.command("data")
-@_root_option("A prepared dataset, or any folder of JPEGs.")
+@click.option(
+    "--root",
+    default="data/sample",
+    show_default=True,
+    help="A prepared dataset, any folder of JPEGs, or a dataset on an object store (s3://...).",
+)
 @click.option("--seconds", default=20.0, show_default=True, help="Timed seconds per row.")
 @click.option(
     "--workers", type=int, default=None, help="DataLoader processes and DALI threads (default: all cores)."
 )
 @click.option("--crop", "crop_px", default=224, show_default=True)
 @click.option("--batch", default=128, show_default=True, help="Images per batch, the same for every row.")
-def bench_data(root: Path, seconds: float, workers: int | None, crop_px: int, batch: int) -> None:
-    """DALI's training pipeline against torchvision's DataLoader, images/s."""
+def bench_data(root: str, seconds: float, workers: int | None, crop_px: int, batch: int) -> None:
+    """DALI's training pipeline against torchvision's DataLoader, images/s; with an object store's
+    --root, the pipeline reading from it against the same from local disk."""
+    from pipeline.storage import is_remote
+
+    if is_remote(root):
+        _bench_data_remote(root, seconds, workers, crop_px, batch)
+        return
     from pipeline.bench.data import bench_data as run
 
+    root = Path(root)
     if not root.is_dir():
         fail(f"{root} does not exist (give --root a folder of JPEGs or a prepared dataset)")
     _print_ratios(run(root, seconds, workers, crop_px, batch), "pipeline", "x torchvision")
+
+
+def _bench_data_remote(root: str, seconds: float, workers: int | None, crop_px: int, batch: int) -> None:
+    from pipeline.bench.data import bench_data_remote
+
+    check_prepared(root)
+    try:
+        results, staged = bench_data_remote(root, seconds, workers, crop_px, batch)
+    except FileNotFoundError as e:  # no shards
+        fail(str(e))
+    _print_ratios(results, "pipeline", "x local disk")
+    click.echo(
+        f"staging the node's copy: {staged.megabytes:.1f} MB in {staged.seconds:.2f} s "
+        f"({staged.megabytes / staged.seconds:.1f} MB/s)"
+    )
 
 
 @bench.command("train")

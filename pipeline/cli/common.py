@@ -19,7 +19,7 @@ def fail(message: str) -> None:
     sys.exit(USAGE_ERROR)
 
 
-def check_prepared(root: Path):
+def check_prepared(root: str | Path):
     """The prepared dataset's index; exits 2 with the reason when there is none."""
     from pipeline.data.index import load_index
 

@@ -14,7 +14,7 @@ import click
 from pipeline.cli.bench import bench
 from pipeline.cli.common import check_prepared, fail, load_job_or_fail, print_table
 from pipeline.cli.serving import deploy, predict, promote, ui
-from pipeline.cluster.address import cluster_address, is_job_server
+from pipeline.cluster.address import NoTrackingServer, cluster_address, is_job_server, tracking_server
 from pipeline.config import flatten, job_names, to_dict
 from pipeline.data.index import DatasetError
 
@@ -98,6 +98,23 @@ def data_prepare(root: Path, workers: int | None, shards: bool, shard_size: int)
         click.echo(f"shards ({counts}) in {shard_dir(root)}")
 
 
+@data.command("upload")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.argument("uri")
+def data_upload(root: Path, uri: str) -> None:
+    """Copy ROOT's index and shards to URI (s3://BUCKET/PATH), where a cluster trains from them
+    with data.root=URI and data.source='shards'. A re-run uploads only what is missing."""
+    from pipeline.data.upload import upload
+    from pipeline.storage import StorageError
+
+    try:
+        uploaded, kept = upload(root, uri)
+    except (DatasetError, StorageError, FileNotFoundError) as e:
+        fail(str(e))
+    click.echo(f"uploaded {uploaded} shard files and the index to {uri}/index ({kept} were there already)")
+    click.echo(f"train from it with: --set data.root='{uri}' --set data.source='shards'")
+
+
 @data.command("preview")
 @click.argument("job_name", metavar="JOB")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("preview.png"), show_default=True)
@@ -109,7 +126,7 @@ def data_preview(job_name: str, out: Path, overrides: tuple[str, ...], count: in
     from pipeline.data.preview import write_preview
 
     job = load_job_or_fail(job_name, overrides)
-    check_prepared(Path(job.data.root))
+    check_prepared(job.data.root)
     shown = write_preview(job, out, count, seed)
     click.echo(f"wrote {shown} augmented samples of {job_name} to {out}")
 
@@ -165,22 +182,22 @@ def submit(
         if run_name and run_name != resume:
             fail(f"--name {run_name} and --resume {resume} name two runs; give one")
         run_name = resume
-        storage = Path(job.run.storage_path)
-        if (
-            not remote
-            and "://" not in job.run.storage_path
-            and not any((storage / resume).glob("*/meta.json"))
-        ):
-            fail(f"run '{resume}' has no checkpoints in {storage}; submit without --resume to start it")
+    if address is not None:
+        try:
+            tracking_server()
+        except NoTrackingServer as e:
+            fail(str(e))
+    _check_storage(job, resume, remote)
     if remote:
         flags = ["--resume", run_name] if resume else ["--name", run_name or job.name]
         _submit_remote(
             address, job_name, overrides, flags + (["--allow-changes"] if allow_changes else []), job, follow
         )
         return
-    index = check_prepared(Path(job.data.root))
+    index = check_prepared(job.data.root)
     from pipeline.cluster.launch import SettingsChanged  # imports Ray: only after the checks
     from pipeline.cluster.launch import submit as launch_submit
+    from pipeline.storage import StorageError
     from pipeline.tracking import TrackingError
 
     progress = sys.stderr if sys.stderr.isatty() else sys.stdout  # a live bar on a terminal; else lines
@@ -188,7 +205,7 @@ def submit(
         outcome = launch_submit(
             job, run_name or job.name, address, index, progress_to=progress, allow_changes=allow_changes
         )
-    except (TrackingError, SettingsChanged) as e:
+    except (TrackingError, SettingsChanged, StorageError, DatasetError) as e:
         fail(str(e))
     click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
     for key in ("val/top1", "val/top5", "train/loss"):
@@ -199,6 +216,25 @@ def submit(
     if not outcome.finished:
         click.echo(f"error: training failed: {outcome.error}", err=True)
         sys.exit(1)
+
+
+def _check_storage(job, resume: str | None, remote: bool) -> None:
+    """Exits 2 when the run's storage cannot be written from here, or `resume` names a run with no
+    checkpoints there. A local path given to a job server is the cluster's, not checked here."""
+    from pipeline.storage import Location, StorageError, is_remote
+
+    if remote and not is_remote(job.run.storage_path):
+        return
+    try:
+        storage = Location(job.run.storage_path)
+        storage.check_writable()
+        if resume:
+            from pipeline.train import checkpoint
+
+            if checkpoint.latest(storage / resume) is None:
+                fail(f"run '{resume}' has no checkpoints in {storage}; submit without --resume to start it")
+    except StorageError as e:
+        fail(str(e))
 
 
 def _submit_remote(address: str, job_name: str, overrides, flags: list[str], job, follow: bool) -> None:
@@ -289,7 +325,7 @@ def runs(words: tuple[str, ...]) -> None:
     elif words[:1] == ("sync",):
         if len(words) != 2:
             fail("runs sync takes one run folder: resnet-pipe runs sync runs/NAME")
-        _runs_sync(Path(words[1]))
+        _runs_sync(words[1])
     elif len(words) <= 1:
         _runs_table(words[0] if words else None)
     else:
@@ -329,9 +365,11 @@ def _runs_compare(a: str, b: str) -> None:
     print_table([("METRIC", *header), *results])
 
 
-def _runs_sync(run_dir: Path) -> None:
+def _runs_sync(where: str) -> None:
+    from pipeline.storage import Location
     from pipeline.tracking import RUN_ID_FILE, sync_unsent
 
+    run_dir = Location(where)
     if not (run_dir / RUN_ID_FILE).is_file():
         fail(f"{run_dir} is not a run folder (no {RUN_ID_FILE}); run folders are under runs/")
     click.echo(f"sent {sync_unsent(run_dir)} metrics")

@@ -3,10 +3,11 @@ and `list`, `status`, `logs`, `stop`.
 
 The project folder travels as the job's working directory (without .venv, data and runs), and
 the job's entrypoint is `python -m pipeline.cli submit ...` on the cluster, whose Python must
-have resnet-pipe's dependencies (a Ray image with them, or a runtime_env). Checkpoints and the
-MLflow store must outlive the job's temporary working directory, so a remote run needs an
-absolute `run.storage_path` that all nodes share (a mounted folder or s3://...), and tracks to
-MLFLOW_TRACKING_URI, or else to a SQLite file in that storage path.
+have resnet-pipe's dependencies (`deploy/Dockerfile`). Checkpoints must outlive the job's
+temporary working directory, so a remote run needs a `run.storage_path` that all nodes reach (an
+object store, s3://..., or an absolute path all nodes mount), and it tracks to the MLflow server
+of MLFLOW_TRACKING_URI (checked by the CLI before it submits). The nodes reach the object store
+with their own credentials (a Kubernetes Secret, an instance profile), never the submitter's.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.cluster.address import cluster_address
 from pipeline.config import Job
+from pipeline.storage import is_remote
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXCLUDES = [".venv", "data", "runs", "mlartifacts", "mlruns", "*.db", ".git", ".pytest_cache", ".ruff_cache"]
@@ -50,7 +52,7 @@ def _auth_headers() -> dict[str, str] | None:
 def check_storage(job: Job) -> str:
     """The storage path a remote run will use; raises ClusterError when nodes cannot share it."""
     path = job.run.storage_path
-    if "://" in path:
+    if is_remote(path):
         return path
     if not Path(path).is_absolute():
         raise ClusterError(
@@ -70,8 +72,7 @@ AGENT_WAIT_S = 60  # how long a submission waits for a freshly started head's jo
 def submit_remote(address: str, job_name: str, overrides: tuple[str, ...], flags: list[str], job: Job) -> str:
     """Submits `resnet-pipe submit JOB --set ... FLAGS` as a Ray job; returns its submission id.
     `flags`: `--name RUN`, or `--resume RUN` (and `--allow-changes`)."""
-    storage = check_storage(job)
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(storage) / 'mlflow.db'}"
+    check_storage(job)
     words = ["python", "-m", "pipeline.cli", "submit", job_name, *flags]
     for item in overrides:
         words += ["--set", item]
@@ -85,7 +86,7 @@ def submit_remote(address: str, job_name: str, overrides: tuple[str, ...], flags
                 runtime_env={
                     "working_dir": str(PROJECT),
                     "excludes": EXCLUDES,
-                    "env_vars": {"MLFLOW_TRACKING_URI": tracking},
+                    "env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]},
                 },
                 metadata={"job": job_name, "run": flags[1]},
             )

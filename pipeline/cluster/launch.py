@@ -26,7 +26,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import system, tracking
 from pipeline.cluster.address import cluster_address
 from pipeline.config import Job, flatten, to_dict
-from pipeline.data.index import Index, load_index
+from pipeline.data.index import DatasetError, Index, load_index
+from pipeline.storage import Location, StorageError
 from pipeline.train import checkpoint
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.progress import Board, ProgressView
@@ -61,7 +62,7 @@ class Outcome:
     finished: bool
     metrics: dict[str, float]
     mlflow_run_id: str
-    run_dir: Path
+    run_dir: Location  # the run's folder in storage: its checkpoints, local or on an object store
     error: str | None = None
     registered: str | None = None  # "resnet50 version 3 (val/top1 0.945000)": what the registry got
 
@@ -161,10 +162,18 @@ def submit(
 
     Raises:
         SettingsChanged: see `allow_changes`; nothing started.
+        StorageError: the run's storage cannot be written, from here or from a node of the
+            cluster; DatasetError: the dataset cannot be read; nothing trained.
     """
-    storage = Path(job.run.storage_path).resolve()
+    storage = Location(job.run.storage_path)
+    storage.check_writable()
+    if storage.remote and job.run.sample_log:
+        raise StorageError(
+            f"run.sample_log appends to a file in the run's folder at every step, which an object store "
+            f"({storage}) does not allow: set run.storage_path to a shared file system to log samples"
+        )
     run_dir = storage / run_name
-    latest = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    latest = checkpoint.latest(run_dir)
     changes = settings_changes(checkpoint.read_job(latest), to_dict(job)) if latest is not None else {}
     if changes and not allow_changes:
         listed = ", ".join(f"{key} {was!r} -> {now!r}" for key, (was, now) in changes.items())
@@ -172,7 +181,11 @@ def submit(
             f"run '{run_name}' has checkpoints trained with other settings ({listed}): give the run a new "
             f"--name, or continue it under the new settings with --resume {run_name} --allow-changes"
         )
-    index = index or load_index(Path(job.data.root))  # raises DatasetError before anything starts
+    index = index or load_index(job.data.root)  # raises DatasetError before anything starts
+    if index.root.remote and job.data.source != "shards":
+        raise DatasetError(
+            f"a dataset on an object store ({index.root}) is read from its shards: set data.source='shards'"
+        )
     run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash)
     say(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
     if latest is not None:
@@ -187,6 +200,8 @@ def submit(
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
     connect(address, log_to_driver=False)
+    if cluster_address(address) is not None:
+        check_storage_on_nodes(storage)
     _record_hardware(run_id)
     board = Board.remote() if progress_to is not None else None
     live = progress_to is not None and progress_to.isatty()
@@ -194,8 +209,8 @@ def submit(
         train_loop_per_worker,
         train_loop_config={
             "job": to_dict(job),
-            "data_root": str(index.root.resolve()),
-            "run_dir": str(run_dir),
+            "data_root": index.root.uri,
+            "run_dir": run_dir.uri,
             "tracking_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
             # rank 0 logs with the driver's credentials (a server with basic auth or a token),
@@ -219,7 +234,7 @@ def submit(
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage.uri,
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             # the best k by val/top1 stay, and Ray always keeps the latest as well
             checkpoint_config=ray.train.CheckpointConfig(
@@ -243,6 +258,35 @@ def submit(
     return Outcome(error is None, metrics, run_id, run_dir, error, registered)
 
 
+def check_storage_on_nodes(storage: Location) -> None:
+    """Writes a probe file to `storage` from every node of the cluster (its credentials, its
+    network, its mounts), so that a store that a node cannot write is found before training.
+
+    Raises:
+        StorageError: naming the node and what the store said.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(where: str) -> str | None:
+        try:
+            Location(where).check_writable()
+        except StorageError as e:
+            return str(e)
+        return None
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    answers = ray.get([
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            storage.uri
+        )
+        for node in nodes
+    ])  # fmt: skip
+    for node, error in zip(nodes, answers):
+        if error is not None:
+            raise StorageError(f"node {node['NodeManagerAddress']}: {error}")
+
+
 def settings_changes(was: dict, now: dict) -> dict[str, tuple]:
     """The settings (dotted keys) whose values differ between two resolved jobs: key -> (was, now).
     Compared as JSON holds them (a checkpoint's meta.json has lists where a job has tuples)."""
@@ -254,7 +298,9 @@ def settings_changes(was: dict, now: dict) -> dict[str, tuple]:
     }
 
 
-def _register(job: Job, run_id: str, run_dir: Path, index: Index, say: Callable[[str], None]) -> str | None:
+def _register(
+    job: Job, run_id: str, run_dir: Location, index: Index, say: Callable[[str], None]
+) -> str | None:
     """The run's plots, and its best scored checkpoint into the model registry; returns what was
     registered. A failure here is reported, and the trained run stands."""
     from pipeline.tracking import registry
@@ -263,7 +309,7 @@ def _register(job: Job, run_id: str, run_dir: Path, index: Index, say: Callable[
     if best is None:
         return None
     try:
-        version = registry.publish(run_id, checkpoint.load(best), str(best), job, index)
+        version = registry.publish(run_id, checkpoint.load(best), best.uri, job, index)
     except (registry.RegistryError, OSError) as e:
         say(f"warning: the run finished but its model was not registered: {e}")
         return None

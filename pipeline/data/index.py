@@ -1,7 +1,7 @@
 """A prepared dataset's index (ROOT/index/, written by `pipeline.data.prepare`), as training,
 evaluation, shards and the registry read it.
 
-    index = load_index(Path("data/sample"))
+    index = load_index("data/sample")     # or "s3://bucket/imagenet", uploaded by `data upload`
     index.classes, index.files("train"), index.labels("val"), index.dataset_hash
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.layouts import SPLITS
+from pipeline.storage import Location, StorageError
 
 INDEX = "index"  # the folder under ROOT
 
@@ -24,7 +25,7 @@ class DatasetError(ValueError):
 class Index:
     """A prepared dataset: class ids and names, and per split (relative path, label) pairs."""
 
-    root: Path
+    root: Location
     classes: list[str]
     names: list[str]
     splits: dict[str, list[tuple[str, int]]]
@@ -37,21 +38,27 @@ class Index:
         return [label for _, label in self.splits[split]]
 
 
-def load_index(root: Path) -> Index:
-    """Reads `root/index/`.
+def load_index(root: str | Path | Location) -> Index:
+    """Reads `root/index/`, from this machine's disk or an object store.
 
     Raises:
-        DatasetError: the folder is missing or was never prepared.
+        DatasetError: the folder is missing, cannot be reached, or was never prepared.
     """
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist (set data.root, or --set data.root=DIR)")
-    out = root / INDEX
-    if not (out / "dataset.json").is_file():
-        raise DatasetError(f"{root} is not prepared: run `resnet-pipe data prepare {root}` first")
-    rows = [line.split("\t") for line in (out / "classes.tsv").read_text(encoding="utf-8").splitlines()]
-    splits = {}
-    for split in SPLITS:
-        lines = (out / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-        splits[split] = [(rel, int(label)) for rel, label in (line.rsplit("\t", 1) for line in lines)]
-    digest = json.loads((out / "dataset.json").read_text())["hash"]
+    root = Location(root)
+    try:
+        if not root.is_dir():
+            what = "has nothing under it" if root.remote else "does not exist"
+            raise DatasetError(f"dataset folder {root} {what} (set data.root, or --set data.root=DIR)")
+        out = root / INDEX
+        if not (out / "dataset.json").is_file():
+            advice = "`resnet-pipe data upload` it" if root.remote else f"run `resnet-pipe data prepare {root}`"
+            raise DatasetError(f"{root} is not prepared: {advice} first")
+        rows = [line.split("\t") for line in (out / "classes.tsv").read_text().splitlines()]
+        splits = {}
+        for split in SPLITS:
+            lines = (out / f"{split}.tsv").read_text().splitlines()
+            splits[split] = [(rel, int(label)) for rel, label in (line.rsplit("\t", 1) for line in lines)]
+        digest = json.loads((out / "dataset.json").read_text())["hash"]
+    except StorageError as e:
+        raise DatasetError(str(e)) from e
     return Index(root, [r[1] for r in rows], [r[2] for r in rows], splits, digest)

@@ -40,8 +40,18 @@ from pipeline.data.shards import read_shards
 READER = "reader"
 
 
+Shards = tuple[list[str], list[str] | None]  # tar paths and their DALI index paths (`read_shards`)
+
+
 def _read(
-    data: Data, files: list[str], file_root: str, shard_id: int, num_shards: int, train: bool, seed: int
+    data: Data,
+    files: list[str],
+    file_root: str,
+    shards: Shards | None,
+    shard_id: int,
+    num_shards: int,
+    train: bool,
+    seed: int,
 ):
     """The encoded images of this shard and their row ids, from files or from tar shards."""
     common = dict(
@@ -53,8 +63,8 @@ def _read(
         seed=seed,
         name=READER,
     )
-    if data.source == "shards":
-        paths, index_paths = read_shards(Path(file_root), "train" if train else "val")
+    if shards is not None:
+        paths, index_paths = shards
         encoded, ids = fn.readers.webdataset(
             paths=paths,
             index_paths=index_paths,
@@ -137,6 +147,7 @@ def train_pipeline(
     data: Data,
     files: list[str],
     file_root: str,
+    shards: Shards | None,
     shard_id: int,
     num_shards: int,
     gpu: bool,
@@ -146,7 +157,7 @@ def train_pipeline(
 ):
     """Random-resized crop (decoded only inside the crop), resize, the job's augmentations
     (`pipeline.data.augment`), flip, normalize."""
-    encoded, ids = _read(data, files, file_root, shard_id, num_shards, train=True, seed=order_seed)
+    encoded, ids = _read(data, files, file_root, shards, shard_id, num_shards, train=True, seed=order_seed)
     images = fn.decoders.image_random_crop(
         encoded,
         device="mixed" if gpu else "cpu",
@@ -172,6 +183,7 @@ def val_pipeline(
     data: Data,
     files: list[str],
     file_root: str,
+    shards: Shards | None,
     shard_id: int,
     num_shards: int,
     gpu: bool,
@@ -179,7 +191,7 @@ def val_pipeline(
     order_seed: int,
 ):
     """The evaluation transform over this shard's files."""
-    encoded, ids = _read(data, files, file_root, shard_id, num_shards, train=False, seed=0)
+    encoded, ids = _read(data, files, file_root, shards, shard_id, num_shards, train=False, seed=0)
     return eval_transform(encoded, data, gpu, threads), ids
 
 
@@ -265,7 +277,8 @@ def build_loader(
         **extra,
         data=job.data,
         files=index.files(split),
-        file_root=str(index.root),
+        file_root=index.root.uri,
+        shards=read_shards(index.root, split) if job.data.source == "shards" else None,
         shard_id=shard_id,
         num_shards=num_shards,
         gpu=gpu,

@@ -24,7 +24,7 @@ COLUMNS = 4
 
 def write_preview(job: Job, out: Path, count: int = 16, seed: int = 0) -> int:
     """Writes a PNG grid of the first `count` training samples; returns the number drawn."""
-    index = load_index(Path(job.data.root))
+    index = load_index(job.data.root)
     images, labels, _ = next(iter(build_loader(job, index, "train", seed=seed)))
     images, labels = images[:count], labels[:count]
     torch.manual_seed(seed)

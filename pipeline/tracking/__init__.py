@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils import logging_utils
 
 from pipeline.config import Job, flatten, jobs_dir, to_dict
+from pipeline.storage import Location
 
 log = logging.getLogger("resnet_pipe")
 # MLflow draws a progress bar for every artifact it downloads or uploads (a registered model's
@@ -97,7 +98,7 @@ class TrackingError(RuntimeError):
     """The tracking store refused or could not be reached when a run was opened."""
 
 
-def open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
+def open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str) -> str:
     """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it.
 
     Raises:
@@ -114,7 +115,7 @@ def open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
         ) from e
 
 
-def _open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
+def _open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str) -> str:
     client = MlflowClient(tracking_uri())
     id_file = run_dir / RUN_ID_FILE
     if id_file.is_file():
@@ -133,7 +134,6 @@ def _open_run(job: Job, run_name: str, run_dir: Path, dataset_hash: str) -> str:
         client.log_text(run.info.run_id, job_file.read_text(), f"job/{job.name}.toml")
     for key, value in _environment().items():
         client.set_tag(run.info.run_id, key, value)
-    run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.info.run_id)
     return run.info.run_id
 
@@ -218,7 +218,7 @@ class RunLogger:
     still unsent to a file that `resnet-pipe runs sync` sends later.
     """
 
-    def __init__(self, uri: str, run_id: str, unsent_file: Path | None = None, retry_s: float = RETRY_S):
+    def __init__(self, uri: str, run_id: str, unsent_file: Location | None = None, retry_s: float = RETRY_S):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this thread retries, not each call
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
         self.client = MlflowClient(uri)
@@ -266,14 +266,13 @@ class RunLogger:
         with self._wake:
             left, self._queue = self._queue, []
         if left and self._unsent_file is not None:
-            self._unsent_file.parent.mkdir(parents=True, exist_ok=True)
-            with self._unsent_file.open("a") as f:
-                for m in left:
-                    record = {"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
-                    f.write(json.dumps(record) + "\n")
+            earlier = self._unsent_file.read_text() if self._unsent_file.is_file() else ""
+            records = [dict(key=m.key, value=m.value, timestamp=m.timestamp, step=m.step) for m in left]
+            self._unsent_file.write_text(earlier + "".join(json.dumps(r) + "\n" for r in records))
+            run_dir = self._unsent_file.uri.rsplit("/", 1)[0]
             log.warning(
                 f"warning: {len(left)} metrics could not reach MLflow; they are in {self._unsent_file}: "
-                f"`resnet-pipe runs sync {self._unsent_file.parent}` sends them"
+                f"`resnet-pipe runs sync {run_dir}` sends them"
             )
         return len(left)
 
@@ -306,7 +305,7 @@ class RunLogger:
                 failing = False
 
 
-def sync_unsent(run_dir: Path) -> int:
+def sync_unsent(run_dir: Location) -> int:
     """Sends the metrics a run's rank 0 could not (its UNSENT_FILE) to the run; returns how many.
     The file is renamed once they are in."""
     unsent = run_dir / UNSENT_FILE
@@ -317,5 +316,6 @@ def sync_unsent(run_dir: Path) -> int:
     client = MlflowClient(tracking_uri())
     for first in range(0, len(metrics), MAX_BATCH):
         client.log_batch(run_id, metrics=metrics[first : first + MAX_BATCH])
-    unsent.rename(unsent.with_suffix(".sent"))
+    (run_dir / UNSENT_FILE.replace(".jsonl", ".sent")).write_text(unsent.read_text())
+    unsent.delete()
     return len(metrics)

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import Job, to_dict
 from pipeline.data.index import Index
+from pipeline.data.shards import first_image
 from pipeline.tracking import quiet_mlflow, runs_named, tracking_uri
 from pipeline.tracking.plots import log_class_errors, log_plots
 
@@ -107,7 +108,7 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
         client.log_artifact(run_id, str(artifacts["weights"]), artifact_path="weights")  # plain tensors
         client.set_tag(run_id, "checkpoint", source)  # the full training state they came from
         artifacts["job"].write_text(json.dumps(to_dict(job), indent=1))
-        classes = (index.root / "index" / "classes.tsv").read_text(encoding="utf-8")
+        classes = (index.root / "index" / "classes.tsv").read_text()
         artifacts["classes"].write_text(classes, encoding="utf-8")
         example = pd.DataFrame({"image": [_example_image(index)]})
         with quiet_mlflow(), mlflow.start_run(run_id=run_id, log_system_metrics=False):
@@ -127,7 +128,10 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
 
 
 def _example_image(index: Index) -> bytes:
-    return (index.root / index.files("val")[0]).read_bytes()
+    """A validation image: its file, or where the dataset holds shards only (one uploaded to an
+    object store), the first image of the first validation shard."""
+    image = index.root / index.files("val")[0]
+    return image.read_bytes() if image.is_file() else first_image(index.root, "val")
 
 
 def resolve(client: MlflowClient, target: str) -> ModelVersion:

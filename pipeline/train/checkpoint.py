@@ -2,7 +2,8 @@
 
 A checkpoint is a folder with `checkpoint.pt` (a plain dict of tensors and primitives, loaded
 with `weights_only=True`, never unpickling objects) and `meta.json` (epoch, step and metrics,
-readable without torch). Ray Train moves the folder to the run's storage.
+readable without torch). Ray Train moves the folder to the run's storage, a local folder or an
+object store (`pipeline.storage.Location`), where `latest` and `best` find them again.
 
     save(folder, model=model, optimizer=optimizer, epoch=1, step=120, epoch_step=0, ranks=[...],
          job=job, metrics={...})
@@ -11,6 +12,7 @@ readable without torch). Ray Train moves the folder to the run's storage.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Job, to_dict
+from pipeline.storage import Location
 
 FORMAT = 3
 WEIGHTS = "checkpoint.pt"
@@ -69,39 +72,49 @@ def save(
     (folder / META).write_text(json.dumps(meta | {"job": state["job"]}, indent=1))
 
 
-def load(folder: Path) -> dict[str, Any]:
-    """Reads a checkpoint written by `save`, tensors on the CPU."""
-    state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+def load(folder: Path | Location) -> dict[str, Any]:
+    """Reads a checkpoint written by `save`, tensors on the CPU, from a local folder or storage."""
+    weights = Location(folder) / WEIGHTS
+    state = torch.load(io.BytesIO(weights.read_bytes()), map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:
-        raise ValueError(f"{folder / WEIGHTS} has checkpoint format {state.get('format')}, expected {FORMAT}")
+        raise ValueError(f"{weights} has checkpoint format {state.get('format')}, expected {FORMAT}")
     return state
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
-    meta = json.loads((folder / META).read_text())
+def read_meta(folder: Path | Location) -> dict[str, Any]:
+    meta = json.loads((Location(folder) / META).read_text())
     meta.setdefault("epoch_step", 0)  # format 1 checkpoints were written at epoch ends only
     return meta
 
 
-def read_job(folder: Path) -> dict[str, Any]:
+def read_job(folder: Path | Location) -> dict[str, Any]:
     """The resolved job a checkpoint was trained with (as `pipeline.config.to_dict` gives it)."""
     meta = read_meta(folder)
     return meta["job"] if "job" in meta else load(folder)["job"]  # older checkpoints: the weights file
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The checkpoint folder under `run_dir` with the highest step, or None."""
-    found = [(read_meta(p.parent)["step"], p.parent) for p in run_dir.glob(f"*/{META}")]
+def _checkpoints(run: Path | Location) -> list[tuple[dict[str, Any], Location]]:
+    """The (meta, folder) of each checkpoint in a run's storage folder (Ray Train's
+    `checkpoint_<time>` folders; what else is there, such as Ray's own state files, is passed by)."""
+    found = []
+    for folder in Location(run).children():
+        if folder.name.startswith("checkpoint_") and (folder / META).is_file():
+            found.append((read_meta(folder), folder))
+    return found
+
+
+def latest(run: Path | Location) -> Location | None:
+    """The checkpoint folder of a run with the highest step, or None."""
+    found = [(meta["step"], folder) for meta, folder in _checkpoints(run)]
     return max(found)[1] if found else None
 
 
-def best(run_dir: Path) -> Path | None:
-    """The scored checkpoint under `run_dir` with the highest val/top1 (the later one on a tie);
-    None when there is none (mid-epoch checkpoints carry no score)."""
-    found = []
-    for path in run_dir.glob(f"*/{META}"):
-        meta = read_meta(path.parent)
-        top1 = meta["metrics"].get("val/top1", -1.0)
-        if top1 >= 0:
-            found.append((top1, meta["step"], path.parent))
+def best(run: Path | Location) -> Location | None:
+    """The scored checkpoint of a run with the highest val/top1 (the later one on a tie); None
+    when there is none (mid-epoch checkpoints carry no score)."""
+    found = [
+        (meta["metrics"]["val/top1"], meta["step"], folder)
+        for meta, folder in _checkpoints(run)
+        if meta["metrics"].get("val/top1", -1.0) >= 0
+    ]
     return max(found)[2] if found else None

@@ -23,9 +23,11 @@ from torch import nn
 
 from pipeline import system
 from pipeline.config import Job, from_dict
+from pipeline.data.cache import stage
 from pipeline.data.index import load_index
 from pipeline.data.loader import Loader, build_loader
 from pipeline.models import create_model
+from pipeline.storage import Location
 from pipeline.tracking import UNSENT_FILE, RunLogger
 from pipeline.train import checkpoint, usage
 from pipeline.train.ema import WeightEMA
@@ -78,7 +80,7 @@ class Worker:
     ema: WeightEMA | None
     logger: RunLogger | None  # rank 0 only
     sample_log: Path | None  # where this rank appends the ids of every batch, when asked
-    run_dir: Path
+    run_dir: Location
     step_hook: Callable[[int, int, int, Path], None] | None  # tests inject faults here; None for users
     board: object | None  # rank 0, when the driver draws a live bar: its board (pipeline.train.progress)
     scaler: torch.amp.GradScaler | None = field(default=None)  # the Stepper's, once it exists
@@ -101,7 +103,9 @@ def train_loop_per_worker(config: dict) -> None:
     system.quick_gil_handoffs()
 
     # model, EMA, optimizer, state; the checkpoint wins over fresh initialisation
-    index = load_index(Path(config["data_root"]))
+    index = load_index(config["data_root"])
+    if index.root.remote and job.data.cache_dir:  # read from this node's copy (pipeline.data.cache)
+        index = load_index(stage(index.root, Path(job.data.cache_dir)))
     torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = create_model(
         job.model.arch, num_classes=len(index.classes), zero_init_last=job.model.zero_init_last_bn
@@ -117,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
         ema=WeightEMA(model, job.optim.ema_decay, job.optim.ema_every_steps) if job.optim.ema_decay else None,
         logger=_logger(config) if rank == 0 else None,
         sample_log=Path(config["run_dir"]) / "samples" / f"rank{rank}.jsonl" if job.run.sample_log else None,
-        run_dir=Path(config["run_dir"]), step_hook=config.get("step_hook"),
+        run_dir=Location(config["run_dir"]), step_hook=config.get("step_hook"),
         board=config.get("board") if rank == 0 and config.get("live_bar") else None,
     )  # fmt: skip
     state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
@@ -185,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _logger(config: dict) -> RunLogger:
     os.environ.update(config.get("tracking_env") or {})  # MLflow reads credentials from there
-    unsent = Path(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
+    unsent = Location(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
     return RunLogger(config["tracking_uri"], config["mlflow_run_id"], unsent)
 
 

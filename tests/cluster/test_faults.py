@@ -76,7 +76,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_on_the_same_loss_traj
     killed = submit(job, "killed", step_hook=KillAt(5))
     assert killed.finished, killed.error
     assert (killed.run_dir / "faults" / "killed-at-step-5").is_file()
-    steps = [json.loads(line)["step"] for line in (killed.run_dir / "samples" / "rank1.jsonl").open()]
+    lines = (killed.run_dir / "samples" / "rank1.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     restart = steps[5]
     assert restart in (3, 4) and steps == [*range(5), *range(restart, EPOCHS * STEPS_PER_EPOCH)]
 

@@ -93,7 +93,7 @@ def test_val_is_resize_center_crop_normalize_like_torchvision(job: Job, smooth_i
     assert images.shape == (BATCH, 3, crop, crop)
     errors, shifted_errors = [], []
     for image, i in zip(images, ids.tolist()):
-        with Image.open(index.root / index.files("val")[i]) as pil:
+        with Image.open(index.root.local_path() / index.files("val")[i]) as pil:
             resized = TF.resize(TF.pil_to_tensor(pil.convert("RGB")), size, antialias=True).float() / 255
         top, left = round((resized.shape[1] - crop) / 2), round((resized.shape[2] - crop) / 2)
         shift = 4 if left >= 4 else -4
