@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # lowest first; the packages of one layer do not import each other
 LAYERS = [
-    {"config", "system"},
+    {"config", "system", "storage"},
     {"data", "models"},
     {"tracking"},
     {"train"},

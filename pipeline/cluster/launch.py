@@ -90,7 +90,12 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
     if address is None:
         start_local_ray(WORKER_ENV, log_to_driver=log_to_driver, **quiet)
     else:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": WORKER_ENV}, **quiet)
+        runtime_env = {"env_vars": WORKER_ENV}
+        if address.startswith("ray://"):  # from outside the cluster, whose nodes lack our code
+            from pipeline.cluster.jobs import EXCLUDES, PROJECT
+
+            runtime_env |= {"working_dir": str(PROJECT), "excludes": EXCLUDES}
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
 

@@ -1,0 +1,217 @@
+"""The product on a cluster as users have it: a head and two worker nodes that share only the
+network, an object store and an MLflow server (`share_nothing`), driven from a folder outside
+the cluster by the `resnet-pipe` commands a user types."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from share_nothing import BIN, BUCKET, Cluster, Network, Services
+
+from pipeline.data.shards import first_image
+
+pytestmark = pytest.mark.ray
+EPOCHS, STEPS_PER_EPOCH = 3, 3  # 50 training images, global batch 16
+KILL_AFTER_STEP = 5  # mid-epoch 1
+
+
+@pytest.fixture(scope="module")
+def share_nothing(tmp_path_factory: pytest.TempPathFactory):
+    net = Network.create()
+    try:
+        services = Services.start(net, tmp_path_factory.mktemp("services"))
+        try:
+            cluster = Cluster.start(net, services)
+            try:
+                yield net, services, cluster
+            finally:
+                cluster.stop()
+        finally:
+            services.stop()
+    finally:
+        net.remove()
+        assert net.leftovers() == []
+
+
+def _environment(services: Services, cluster: Cluster) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    return env | services.client_env() | cluster.client_env()
+
+
+def _kill_when_mid_epoch(services: Services, cluster: Cluster, run_name: str, done: threading.Event) -> list:
+    """Kills worker node w2 once the run has logged step KILL_AFTER_STEP; returns [the step seen]."""
+    seen: list[int] = []
+
+    def watch() -> None:
+        client = MlflowClient(services.tracking_uri)
+        while not done.is_set():
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()], f"attributes.run_name = '{run_name}'"
+            )
+            if runs:
+                steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/step_loss")]
+                if steps and max(steps) >= KILL_AFTER_STEP:
+                    seen.append(max(steps))
+                    cluster.kill("w2")
+                    return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_the_registry(
+    share_nothing, prepared_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net, services, cluster = share_nothing
+    env = _environment(services, cluster)
+    for key, value in services.client_env().items():  # for this test's own reads of the store
+        monkeypatch.setenv(key, value)
+    user = tmp_path / "user"  # the user's folder, outside the cluster
+    dataset = tmp_path / "dataset"
+    shutil.copytree(prepared_dataset, dataset)
+    user.mkdir()
+
+    def run(*words: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "resnet-pipe"), *words], cwd=user, env=env, capture_output=True, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+
+    prepared = run("data", "prepare", str(dataset), "--shards")
+    assert prepared.returncode == 0, prepared.stderr
+    uploaded = run("data", "upload", str(dataset), f"s3://{BUCKET}/datasets/odd")
+    assert uploaded.returncode == 0, uploaded.stderr
+    shutil.rmtree(dataset)  # from here on the dataset exists only in the bucket
+
+    settings = [
+        f"data.root='s3://{BUCKET}/datasets/odd'", "data.source='shards'",
+        f"run.storage_path='s3://{BUCKET}/runs'", f"epochs={EPOCHS}", "scaling.num_workers=2",
+        "scaling.min_workers=1", "scaling.cpus_per_worker=1", "data.threads_per_worker=1",
+        "scaling.batch_size_per_worker=8", "data.crop_px=32", "data.val_resize_px=36", "data.val_crop_px=32",
+        "run.log_every_steps=1", "run.checkpoint_every_steps=2", "run.max_failures=3",
+    ]  # fmt: skip
+    sets = [word for setting in settings for word in ("--set", setting)]
+    done = threading.Event()
+    seen = _kill_when_mid_epoch(services, cluster, "remote", done)
+    try:
+        result = run(
+            "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "remote", *sets
+        )
+    finally:
+        done.set()
+    print(f"submit took {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert seen and seen[0] < EPOCHS * STEPS_PER_EPOCH, "the node was not killed mid-run"
+    assert "SUCCEEDED" in result.stdout and "registered model resnet50 version 1" in result.stdout
+
+    # one MLflow run, every epoch and every optimizer step exactly once across the restart
+    client = MlflowClient(services.tracking_uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    (tracked,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'remote'")
+    history = {key: [m.step for m in client.get_metric_history(tracked.info.run_id, key)]
+               for key in ("val/top1", "train/step_loss")}  # fmt: skip
+    assert sorted(history["val/top1"]) == list(range(EPOCHS))
+    assert sorted(history["train/step_loss"]) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert tracked.info.status == "FINISHED"
+
+    # checkpoints and the registered weights are in the bucket
+    assert any(key.endswith("/checkpoint.pt") for key in services.objects("runs/remote/"))
+    version = client.get_model_version("resnet50", "1")
+    weights = [key for key in services.objects("mlartifacts/") if key.endswith("model.safetensors")]
+    assert any(tracked.info.run_id in key or version.model_id in key for key in weights), weights
+
+    # served from the cluster, loaded through the tracking server and the object store
+    image = first_image(f"s3://{BUCKET}/datasets/odd", "val")
+    offline = _offline_prediction(image)
+    deploy = subprocess.Popen(
+        [str(BIN / "resnet-pipe"), "deploy", "resnet50/1", "--address", cluster.ray_client,
+         "--host", "0.0.0.0", "--port", "8000", "--no-compile"],
+        cwd=user, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://{net.ip('head')}:8000"
+        started = time.monotonic()
+        served = _predict_when_up(url, image, deploy)
+        print(f"deploy answered after {time.monotonic() - started:.0f} s")
+    finally:
+        os.killpg(deploy.pid, signal.SIGTERM)
+        output = deploy.communicate(timeout=120)[0]
+    best = served["predictions"][0]
+    assert (served["model"], served["version"]) == ("resnet50", "1"), output[-3000:]
+    assert best["class_index"] == offline[0]
+    assert best["probability"] == pytest.approx(offline[1], abs=1e-4)
+
+    # nothing of the run on any disk but the bucket's: the user's folder, the surviving nodes
+    assert sorted(p.name for p in user.iterdir()) == []
+    for node in ("head", "w1"):
+        files = cluster.files(node)
+        kinds = {path: _kind(path) for path in files}
+        unexpected = {path for path, kind in kinds.items() if kind is None}
+        assert not unexpected, f"{node}: {sorted(unexpected)}"
+
+
+RUN_FILES = re.compile(r"(checkpoint\.pt|meta\.json|\.safetensors|mlflow\.db|run_id\.txt|unsent_metrics)")
+
+
+def _kind(path: str) -> str | None:
+    """What a file on a node is: a log, a cache, Ray's own session state; None: anything else."""
+    if RUN_FILES.search(path):
+        return None
+    if path == "/tmp/ray-start.log" or re.match(r"/tmp/ray/session_[^/]+/logs/", path):
+        return "log"
+    if path.startswith(("/tmp/resnet-pipe/datasets/", "/tmp/home/.cache/")) or "/runtime_resources/" in path:
+        return "cache"
+    if re.match(r"/tmp/ray/session_[^/]+/[^/]+$", path) or path.startswith("/tmp/ray/session_latest"):
+        return "ray session"
+    return None
+
+
+def _offline_prediction(image: bytes) -> tuple[int, float]:
+    """The registered weights, fetched here from the tracking server, over the evaluation
+    transform: the top class and its probability."""
+    import mlflow
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.config import from_dict
+    from pipeline.models import create_model
+    from pipeline.serve.inference import Preprocess
+
+    folder = Path(mlflow.artifacts.download_artifacts("models:/resnet50/1")) / "artifacts"
+    job = from_dict(json.loads((folder / "job.json").read_text()))
+    classes = (folder / "classes.tsv").read_text().splitlines()
+    model = create_model(job.model.arch, num_classes=len(classes))
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.eval()
+    with torch.inference_mode():
+        row = model(Preprocess(job, 1, torch.device("cpu"), 1)([image])).softmax(dim=1)[0]
+    shutil.rmtree(folder.parent)
+    return int(row.argmax()), float(row.max())
+
+
+def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen) -> dict:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            request = urllib.request.Request(
+                f"{url}/predict", data=image, headers={"Content-Type": "image/jpeg"}
+            )
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.loads(answer.read())
+        except OSError:
+            if deploy.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
