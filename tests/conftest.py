@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,21 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+# Runs the CLI and reports, after it exits, whether it imported Ray: bad input must fail before.
+PROBE = (
+    "import atexit, sys; "
+    "atexit.register(lambda: print('RAY-IMPORTED' if 'ray' in sys.modules else 'NO-RAY')); "
+    "from pipeline.cli import main; main()"
+)
+
+
+def cli(
+    *args: str, cwd: Path | None = None, timeout_s: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", PROBE, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout_s, env=env)
 
 
 def small_job(root: Path, epochs: int, *overrides: str):

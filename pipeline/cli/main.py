@@ -182,6 +182,13 @@ def submit(
         if run_name and run_name != resume:
             fail(f"--name {run_name} and --resume {resume} name two runs; give one")
         run_name = resume
+    if remote:
+        from pipeline.cluster.jobs import ClusterError, check_storage
+
+        try:
+            check_storage(job)
+        except ClusterError as e:
+            fail(str(e))
     if address is not None:
         try:
             tracking_server()

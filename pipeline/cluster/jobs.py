@@ -28,7 +28,17 @@ from pipeline.storage import is_remote
 PROJECT = Path(__file__).resolve().parents[2]
 # gitignore patterns, anchored at the project's root where a folder of ours has the same name
 # (a bare "data" also left out pipeline/data: the nodes of a cluster had no `pipeline.data`)
-EXCLUDES = ["/.venv", "/data", "/runs", "/mlartifacts", "/mlruns", "*.db", ".git", ".pytest_cache", ".ruff_cache"]
+EXCLUDES = [
+    "/.venv",
+    "/data",
+    "/runs",
+    "/mlartifacts",
+    "/mlruns",
+    "*.db",
+    ".git",
+    ".pytest_cache",
+    ".ruff_cache",
+]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 

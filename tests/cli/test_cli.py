@@ -9,20 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-# Runs the CLI and reports, after it exits, whether it imported Ray: bad input must fail before.
-PROBE = (
-    "import atexit, sys; "
-    "atexit.register(lambda: print('RAY-IMPORTED' if 'ray' in sys.modules else 'NO-RAY')); "
-    "from pipeline.cli import main; main()"
-)
-
-
-def cli(
-    *args: str, cwd: Path | None = None, timeout_s: float = 120, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", PROBE, *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout_s, env=env)
+from conftest import PROBE, cli
 
 
 def test_jobs_lists_model_dataset_epochs_workers() -> None:

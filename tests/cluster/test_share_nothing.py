@@ -105,6 +105,7 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     sets = [word for setting in settings for word in ("--set", setting)]
     done = threading.Event()
     seen = _kill_when_mid_epoch(services, cluster, "remote", done)
+    started = time.monotonic()
     try:
         result = run(
             "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "remote", *sets
