@@ -163,3 +163,53 @@ def build_layout(kind: str, source: Path, dest: Path) -> dict[str, str]:
         )
         savemat(str(data / "meta.mat"), {"synsets": synsets})
     return expected
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """moto's standalone S3 server on loopback, as a separate process, with one bucket; yields
+    the AWS settings that reach it (the product reads nothing else)."""
+    import signal
+    import time
+    import urllib.request
+
+    import boto3
+
+    from pipeline.system import free_port
+
+    port = free_port()
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    }  # fmt: skip
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path_factory.mktemp("s3"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(settings["AWS_ENDPOINT_URL"], timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                os.killpg(server.pid, signal.SIGKILL)
+                raise
+            time.sleep(0.3)
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", endpoint_url=settings["AWS_ENDPOINT_URL"], region_name="us-east-1", **credentials)
+    s3.create_bucket(Bucket="bucket")
+    yield settings
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """The S3 server's settings in this test's environment; returns a fresh prefix's URI."""
+    import uuid
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://bucket/{uuid.uuid4().hex[:8]}"

@@ -116,6 +116,9 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert seen and seen[0] < EPOCHS * STEPS_PER_EPOCH, "the node was not killed mid-run"
     assert "SUCCEEDED" in result.stdout and "registered model resnet50 version 1" in result.stdout
+    submission_id = result.stdout.split("submitted quickstart as ")[1].split()[0]
+    status = run("status", submission_id, "--address", cluster.job_server)
+    assert status.returncode == 0 and f"{submission_id}: SUCCEEDED" in status.stdout
 
     # one MLflow run, every epoch and every optimizer step exactly once across the restart
     client = MlflowClient(services.tracking_uri)

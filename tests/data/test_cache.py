@@ -1,0 +1,66 @@
+"""A dataset on an object store (moto's S3 server): `data upload`, then each node's staged copy,
+checked against the shards' SHA-256, continued after an interruption and reused afterwards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.cache import stage
+from pipeline.data.index import INDEX, DatasetError, load_index
+from pipeline.data.shards import FOLDER, first_image, read_shards, write_shards
+from pipeline.data.upload import upload
+from pipeline.storage import Location
+
+
+@pytest.fixture
+def sharded(prepared_dataset: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "dataset"
+    shutil.copytree(prepared_dataset, root)
+    write_shards(load_index(root), samples_per_shard=16)
+    return root
+
+
+def test_an_uploaded_dataset_reads_as_the_local_one_and_a_second_upload_sends_only_the_lists(
+    sharded: Path, s3: str
+) -> None:
+    uploaded, kept = upload(sharded, s3)
+    local, remote = load_index(sharded), load_index(s3)
+    assert uploaded == len(list((sharded / INDEX / FOLDER).glob("*.tar"))) * 2 and kept == 0
+    assert (remote.dataset_hash, remote.classes, remote.splits) == (local.dataset_hash, local.classes, local.splits)
+    assert read_shards(s3, "val")[0][0] == f"{s3}/index/shards/val-00000.tar"
+    assert first_image(s3, "val") == first_image(sharded, "val")
+    assert upload(sharded, s3) == (0, uploaded)
+
+
+def test_a_node_stages_a_checked_copy_once_continues_a_broken_one_and_refuses_a_corrupt_shard(
+    sharded: Path, s3: str, tmp_path: Path
+) -> None:
+    upload(sharded, s3)
+    cache = tmp_path / "cache"
+    copy = stage(Location(s3), cache)
+    assert load_index(copy).dataset_hash == load_index(sharded).dataset_hash
+    for tar in (sharded / INDEX / FOLDER).glob("*"):
+        assert (copy / INDEX / FOLDER / tar.name).read_bytes() == tar.read_bytes()
+
+    # interrupted: one shard and the completion mark missing; the others are kept as they are
+    kept = copy / INDEX / FOLDER / "train-00000.tar"
+    before = kept.stat().st_mtime_ns
+    (copy / INDEX / FOLDER / "train-00001.tar").unlink()
+    (copy / INDEX / "dataset.json").unlink()
+    assert stage(Location(s3), cache) == copy
+    assert kept.stat().st_mtime_ns == before
+    assert (copy / INDEX / FOLDER / "train-00001.tar").read_bytes() == (
+        sharded / INDEX / FOLDER / "train-00001.tar"
+    ).read_bytes()
+
+    # a complete copy is used as it is: the store is not read for its shards again
+    Location(f"{s3}/index/shards/train-00001.tar").write_bytes(b"changed in the store")
+    assert stage(Location(s3), cache) == copy
+
+    # a fresh node meets the changed shard: refused, naming it, and nothing left half-made
+    with pytest.raises(DatasetError, match=r"train-00001\.tar differs from the checksum"):
+        stage(Location(s3), tmp_path / "other-node")
+    assert not (tmp_path / "other-node" / load_index(sharded).dataset_hash / INDEX / "dataset.json").exists()
