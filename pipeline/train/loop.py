@@ -124,6 +124,10 @@ def train_loop_per_worker(config: dict) -> None:
         run_dir=Location(config["run_dir"]), step_hook=config.get("step_hook"),
         board=config.get("board") if rank == 0 and config.get("live_bar") else None,
     )  # fmt: skip
+    if rank == 0:
+        # an attempt after a failure goes over steps an earlier one logged (after its checkpoint,
+        # or from the start when the failure came before the first checkpoint): logged once
+        worker.logger.skip_logged()
     state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
     ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
     step_fn = Stepper(
@@ -217,7 +221,6 @@ def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:
         torch.manual_seed(worker.job.seed + 1 + worker.rank + 7919 * state.step)
         loader_state = None
     if worker.rank == 0:
-        worker.logger.skip_logged()  # the steps between this checkpoint and the failure are in MLflow
         job, resized = worker.job, f" (was {len(ranks)} workers)" if len(ranks) != worker.world else ""
         log.info(
             f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch) on "
