@@ -208,7 +208,7 @@ def submit(
     if cluster_address(address) is not None:
         check_storage_on_nodes(storage)
     _record_hardware(run_id)
-    board = Board.remote() if progress_to is not None else None
+    board = _on_this_node(Board).remote() if progress_to is not None else None
     live = progress_to is not None and progress_to.isatty()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -319,6 +319,16 @@ def _register(
         say(f"warning: the run finished but its model was not registered: {e}")
         return None
     return f"{version.name} version {version.version} (val/top1 {version.tags['val/top1']})"
+
+
+def _on_this_node(actor_class):
+    """The actor class, placed on the driver's own node: a helper of the driver (the progress
+    board) must not live on a worker node, which may be lost mid-run (with no CPU asked, Ray
+    would place it anywhere)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
 
 
 def _record_hardware(run_id: str) -> None:
