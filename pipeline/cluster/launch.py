@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,9 @@ def submit(
         raise DatasetError(
             f"a dataset on an object store ({index.root}) is read from its shards: set data.source='shards'"
         )
+    if cluster_address(address) is not None:  # before the MLflow run: nothing half-made on a refusal
+        connect(address, log_to_driver=False)
+        check_storage_on_nodes(storage)
     run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash)
     say(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
     if latest is not None:
@@ -205,8 +209,6 @@ def submit(
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
     connect(address, log_to_driver=False)
-    if cluster_address(address) is not None:
-        check_storage_on_nodes(storage)
     _record_hardware(run_id)
     board = _on_this_node(Board).remote() if progress_to is not None else None
     live = progress_to is not None and progress_to.isatty()
@@ -264,32 +266,43 @@ def submit(
 
 
 def check_storage_on_nodes(storage: Location) -> None:
-    """Writes a probe file to `storage` from every node of the cluster (its credentials, its
-    network, its mounts), so that a store that a node cannot write is found before training.
+    """Checks from every node of the cluster (its credentials, its network, its mounts) that it
+    can write to `storage` and sees there a file the driver wrote: a local folder that is not
+    shared (each node would keep checkpoints of its own), a bucket a node has no credentials
+    for, are found before training.
 
     Raises:
-        StorageError: naming the node and what the store said.
+        StorageError: naming the node and what it met.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    token = uuid.uuid4().hex
+    marker = storage / f".resnet-pipe-shared-check-{token[:12]}"
+    marker.write_text(token)
+
     @ray.remote(num_cpus=0, max_retries=0)
-    def probe(where: str) -> str | None:
+    def probe(where: str, name: str) -> str | None:
         try:
+            seen = Location(where) / name
+            if not seen.is_file() or seen.read_text() != token:
+                return "does not see the file the driver wrote there"
             Location(where).check_writable()
-        except StorageError as e:
+        except OSError as e:
             return str(e)
         return None
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    answers = ray.get([
-        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
-            storage.uri
-        )
-        for node in nodes
-    ])  # fmt: skip
-    for node, error in zip(nodes, answers):
-        if error is not None:
-            raise StorageError(f"node {node['NodeManagerAddress']}: {error}")
+    on = [NodeAffinitySchedulingStrategy(node["NodeID"], soft=False) for node in nodes]
+    try:
+        answers = ray.get([probe.options(scheduling_strategy=s).remote(storage.uri, marker.name) for s in on])
+    finally:
+        marker.delete()
+    for node, problem in zip(nodes, answers):
+        if problem is not None:
+            raise StorageError(
+                f"run.storage_path {storage}: node {node['NodeManagerAddress']} {problem}; every node must "
+                "reach the same storage: an object store (s3://...) or a folder all nodes mount"
+            )
 
 
 def settings_changes(was: dict, now: dict) -> dict[str, tuple]:

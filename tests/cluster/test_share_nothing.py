@@ -49,6 +49,30 @@ def _environment(services: Services, cluster: Cluster) -> dict[str, str]:
     return env | services.client_env() | cluster.client_env()
 
 
+def _runner(user: Path, env: dict[str, str]):
+    """`resnet-pipe WORDS` as the user runs it, in their folder, with their environment."""
+
+    def run(*words: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "resnet-pipe"), *words], cwd=user, env=env, capture_output=True, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+
+    return run
+
+
+def _upload(run, prepared_dataset: Path, tmp_path: Path, name: str) -> str:
+    """The dataset prepared with shards and uploaded to the bucket, its local copy removed."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(prepared_dataset, dataset)
+    prepared = run("data", "prepare", str(dataset), "--shards")
+    assert prepared.returncode == 0, prepared.stderr
+    uploaded = run("data", "upload", str(dataset), f"s3://{BUCKET}/datasets/{name}")
+    assert uploaded.returncode == 0, uploaded.stderr
+    shutil.rmtree(dataset)
+    return f"s3://{BUCKET}/datasets/{name}"
+
+
 def _kill_when_mid_epoch(services: Services, cluster: Cluster, run_name: str, done: threading.Event) -> list:
     """Kills worker node w2 once the run has logged step KILL_AFTER_STEP and a checkpoint is whole
     in the bucket; returns [the step seen]."""
@@ -81,21 +105,9 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     for key, value in services.client_env().items():  # for this test's own reads of the store
         monkeypatch.setenv(key, value)
     user = tmp_path / "user"  # the user's folder, outside the cluster
-    dataset = tmp_path / "dataset"
-    shutil.copytree(prepared_dataset, dataset)
     user.mkdir()
-
-    def run(*words: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "resnet-pipe"), *words], cwd=user, env=env, capture_output=True, text=True,
-            timeout=timeout_s,
-        )  # fmt: skip
-
-    prepared = run("data", "prepare", str(dataset), "--shards")
-    assert prepared.returncode == 0, prepared.stderr
-    uploaded = run("data", "upload", str(dataset), f"s3://{BUCKET}/datasets/odd")
-    assert uploaded.returncode == 0, uploaded.stderr
-    shutil.rmtree(dataset)  # from here on the dataset exists only in the bucket
+    run = _runner(user, env)
+    _upload(run, prepared_dataset, tmp_path, "odd")  # from here on the dataset exists only in the bucket
 
     settings = [
         f"data.root='s3://{BUCKET}/datasets/odd'", "data.source='shards'", "model.arch='resnet18'",
@@ -187,7 +199,9 @@ def _kind(path: str) -> str | None:
     if path == "/tmp/ray-start.log" or re.match(r"/tmp/ray/session_[^/]+/logs/", path):
         return "log"
     if path.startswith(("/tmp/resnet-pipe/datasets/", "/tmp/home/.cache/")) or "/runtime_resources/" in path:
-        return "cache"
+        return "cache"  # the dataset's copy, the job's code
+    if re.match(r"/tmp/(__pycache__/)?__autograph_generated_file\w+\.(py|cpython-\d+\.pyc)$", path):
+        return "cache"  # the code DALI generates for a pipeline's conditionals (auto_aug), never removed
     if path.startswith("/tmp/ray/"):
         return "Ray's own state"  # the cluster's address, ports, metrics configuration
     if path.startswith("/tmp/home/.config/") or path == "/tmp/hosts":
@@ -231,3 +245,27 @@ def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen) -> dict:
             if deploy.poll() is not None or time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def test_a_storage_folder_the_nodes_do_not_share_is_refused_before_training(
+    share_nothing, prepared_dataset: Path, tmp_path: Path
+) -> None:
+    _, services, cluster = share_nothing
+    user = tmp_path / "user"
+    (user / "shared").mkdir(parents=True)  # exists and is writable here, and on no node
+    run = _runner(user, _environment(services, cluster))
+    root = _upload(run, prepared_dataset, tmp_path, "unshared")
+    settings = [f"data.root='{root}'", "data.source='shards'", f"run.storage_path='{user / 'shared'}'"]
+    result = run("submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "unshared",
+                 *[word for setting in settings for word in ("--set", setting)])  # fmt: skip
+    assert result.returncode != 0
+    assert "does not see the file the driver wrote there" in result.stdout
+    assert "every node must reach the same storage" in result.stdout
+    client = MlflowClient(services.tracking_uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = (
+        client.search_runs([experiment.experiment_id], "attributes.run_name = 'unshared'")
+        if experiment
+        else []
+    )
+    assert runs == []  # refused before its MLflow run was made
