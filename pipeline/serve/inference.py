@@ -13,6 +13,7 @@ transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
 import functools
 import io
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +104,17 @@ class Loaded:
         from pipeline.config import from_dict
         from pipeline.models import create_model
 
-        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")) / "artifacts"
-        job = from_dict(json.loads((folder / "job.json").read_text()))
-        rows = [row.split("\t") for row in (folder / "classes.tsv").read_text(encoding="utf-8").splitlines()]
-        model = create_model(job.model.arch, num_classes=len(rows))
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        # fetched into a folder that goes once the weights are in memory: a replica leaves no copy
+        # of the model on its node's disk
+        with tempfile.TemporaryDirectory(prefix="resnet-pipe-model-") as tmp:
+            uri = f"models:/{name}/{version}"
+            folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp)) / "artifacts"
+            job = from_dict(json.loads((folder / "job.json").read_text()))
+            rows = [
+                row.split("\t") for row in (folder / "classes.tsv").read_text(encoding="utf-8").splitlines()
+            ]
+            model = create_model(job.model.arch, num_classes=len(rows))
+            model.load_state_dict(load_file(folder / "model.safetensors"))
         model = model.to(device).eval()
         channels_last = job.run.channels_last and not raw
         if channels_last:

@@ -202,8 +202,8 @@ def _kind(path: str) -> str | None:
         return "cache"  # the dataset's copy, the job's code
     if re.match(r"/tmp/(__pycache__/)?__autograph_generated_file\w+\.(py|cpython-\d+\.pyc)$", path):
         return "cache"  # the code DALI generates for a pipeline's conditionals (auto_aug), never removed
-    if path.startswith("/tmp/ray/"):
-        return "Ray's own state"  # the cluster's address, ports, metrics configuration
+    if path.startswith(("/tmp/ray/", "/tmp/_ray_lockfiles/")):
+        return "Ray's own state"  # the cluster's address, ports, metrics configuration, locks
     if path.startswith("/tmp/home/.config/") or path == "/tmp/hosts":
         return "settings"  # MLflow's telemetry choice; the node's host name (this fixture's)
     return None
