@@ -137,11 +137,12 @@ def _bench_model(root: Path) -> str:
     from pipeline.config import load_job
     from pipeline.data.index import load_index
     from pipeline.models import create_model
+    from pipeline.storage import Location
     from pipeline.tracking import registry
 
     index = load_index(root)
     job = load_job("imagenet-r50", [f"data.root='{root.resolve()}'", "scaling.num_workers=1"])
-    run_dir = Path.cwd() / "runs" / "bench-serve"
+    run_dir = Location(Path.cwd() / "runs" / "bench-serve")
     run_id = tracking.open_run(job, "bench-serve", run_dir, index.dataset_hash)
     model = create_model(job.model.arch, num_classes=len(index.classes))
     state = {"model": model.state_dict(), "metrics": {"val/top1": 0.0}}  # a checkpoint's, as far as needed

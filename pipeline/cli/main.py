@@ -189,12 +189,12 @@ def submit(
             check_storage(job)
         except ClusterError as e:
             fail(str(e))
+    _check_storage(job, resume, remote)
     if address is not None:
         try:
             tracking_server()
         except NoTrackingServer as e:
             fail(str(e))
-    _check_storage(job, resume, remote)
     if remote:
         flags = ["--resume", run_name] if resume else ["--name", run_name or job.name]
         _submit_remote(

@@ -98,14 +98,14 @@ class TrackingError(RuntimeError):
     """The tracking store refused or could not be reached when a run was opened."""
 
 
-def open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str) -> str:
+def open_run(job: Job, run_name: str, run_dir: Location | Path, dataset_hash: str) -> str:
     """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it.
 
     Raises:
         TrackingError: MLflow refused (credentials) or could not be reached; nothing started.
     """
     try:
-        return _open_run(job, run_name, run_dir, dataset_hash)
+        return _open_run(job, run_name, Location(run_dir), dataset_hash)
     except MlflowException as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrackingError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
         run_dir=Location(config["run_dir"]), step_hook=config.get("step_hook"),
         board=config.get("board") if rank == 0 and config.get("live_bar") else None,
     )  # fmt: skip
+    _clear_unsent_checkpoints(worker.run_dir)  # every rank, on its node: before DDP's first collective
     if rank == 0:
         # an attempt after a failure goes over steps an earlier one logged (after its checkpoint,
         # or from the start when the failure came before the first checkpoint): logged once
@@ -191,6 +193,19 @@ def train_loop_per_worker(config: dict) -> None:
             ray.get(config["board"].flush.remote())
 
 
+def _checkpoint_scratch(run_dir: Location) -> Path:
+    """Where rank 0 writes this run's checkpoints before Ray Train uploads them."""
+    scratch = Path(tempfile.gettempdir()) / "resnet-pipe-checkpoints" / run_dir.name
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch
+
+
+def _clear_unsent_checkpoints(run_dir: Location) -> None:
+    """Removes what an earlier attempt of the run left half-uploaded on this node (its worker
+    ended mid-upload): nothing else writes there, and the new attempt has not begun to."""
+    shutil.rmtree(_checkpoint_scratch(run_dir), ignore_errors=True)
+
+
 def _logger(config: dict) -> RunLogger:
     os.environ.update(config.get("tracking_env") or {})  # MLflow reads credentials from there
     unsent = Location(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
@@ -256,7 +271,9 @@ def _save_and_report(
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    folder = Path(tempfile.mkdtemp(prefix="resnet-pipe-checkpoint-"))  # Ray deletes it after the upload
+    # Ray deletes the folder once uploaded; one whose upload a failure cut short is removed when
+    # the run's next attempt starts (`_clear_unsent_checkpoints`)
+    folder = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=_checkpoint_scratch(worker.run_dir)))
     checkpoint.save(
         folder, model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
         epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,

@@ -36,3 +36,19 @@ def test_a_cluster_run_without_a_tracking_server_it_reaches_is_refused(
     if tracking.startswith("http"):
         assert "does not answer" in result.stderr
     assert "submitted" not in result.stdout and "MLflow run" not in result.stdout
+
+
+def test_resuming_a_run_with_no_checkpoints_in_the_bucket_is_refused_before_submitting(s3: str) -> None:
+    result = cli("submit", "quickstart", "--address", NOWHERE, "--resume", "nope",
+                 "--set", f"run.storage_path='{s3}/runs'")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"run 'nope' has no checkpoints in {s3}/runs" in result.stderr
+    assert "submitted" not in result.stdout
+
+
+def test_a_bucket_that_cannot_be_written_is_refused_before_submitting(s3: str) -> None:
+    result = cli(
+        "submit", "quickstart", "--address", NOWHERE, "--set", "run.storage_path='s3://no-such-bucket/runs'"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot write to s3://no-such-bucket/runs" in result.stderr and "AWS_ENDPOINT_URL" in result.stderr

@@ -79,7 +79,7 @@ def _kill_when_mid_epoch(services: Services, cluster: Cluster, run_name: str, do
     seen: list[int] = []
 
     def watch() -> None:
-        client = MlflowClient(services.tracking_uri)
+        client = _client(services)
         while not done.is_set():
             runs = client.search_runs(
                 [e.experiment_id for e in client.search_experiments()], f"attributes.run_name = '{run_name}'"
@@ -135,7 +135,7 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     assert status.returncode == 0 and f"{submission_id}: SUCCEEDED" in status.stdout
 
     # one MLflow run, every epoch and every optimizer step exactly once across the restart
-    client = MlflowClient(services.tracking_uri)
+    client = _client(services)
     experiment = client.get_experiment_by_name("quickstart")
     (tracked,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'remote'")
     history = {key: [m.step for m in client.get_metric_history(tracked.info.run_id, key)]
@@ -156,7 +156,7 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
 
     # served from the cluster, loaded through the tracking server and the object store
     image = first_image(f"s3://{BUCKET}/datasets/odd", "val")
-    offline = _offline_prediction(image)
+    offline = _offline_prediction(services, image)
     deploy = subprocess.Popen(
         [str(BIN / "resnet-pipe"), "deploy", "resnet18/1", "--address", cluster.ray_client,
          "--host", "0.0.0.0", "--port", "8000", "--no-compile"],
@@ -209,7 +209,12 @@ def _kind(path: str) -> str | None:
     return None
 
 
-def _offline_prediction(image: bytes) -> tuple[int, float]:
+def _client(services: Services) -> MlflowClient:
+    """The test cluster's tracking server and registry, whatever URI this process set before."""
+    return MlflowClient(services.tracking_uri, registry_uri=services.tracking_uri)
+
+
+def _offline_prediction(services: Services, image: bytes) -> tuple[int, float]:
     """The registered weights, fetched here from the tracking server, over the evaluation
     transform: the top class and its probability."""
     import mlflow
@@ -220,7 +225,9 @@ def _offline_prediction(image: bytes) -> tuple[int, float]:
     from pipeline.models import create_model
     from pipeline.serve.inference import Preprocess
 
-    folder = Path(mlflow.artifacts.download_artifacts("models:/resnet18/1")) / "artifacts"
+    source = _client(services).get_model_version_download_uri("resnet18", "1")
+    fetched = mlflow.artifacts.download_artifacts(source, tracking_uri=services.tracking_uri)
+    folder = Path(fetched) / "artifacts"
     job = from_dict(json.loads((folder / "job.json").read_text()))
     classes = (folder / "classes.tsv").read_text().splitlines()
     model = create_model(job.model.arch, num_classes=len(classes))
@@ -261,7 +268,7 @@ def test_a_storage_folder_the_nodes_do_not_share_is_refused_before_training(
     assert result.returncode != 0
     assert "does not see the file the driver wrote there" in result.stdout
     assert "every node must reach the same storage" in result.stdout
-    client = MlflowClient(services.tracking_uri)
+    client = _client(services)
     experiment = client.get_experiment_by_name("quickstart")
     runs = (
         client.search_runs([experiment.experiment_id], "attributes.run_name = 'unshared'")
