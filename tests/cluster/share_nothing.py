@@ -309,10 +309,12 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
         process.wait(timeout=30)
 
     def files(self, node: str) -> list[str]:
-        """Every file in the node's private /tmp (its whole writable disk here)."""
+        """Every file on the node's own disk: its private /tmp and the empty folder over the project
+        (the virtual environment bound in from this machine passed by)."""
         pid = str(self.nodes[node].pid)  # `ray start`: ip, unshare and sh exec into it
-        listed = sh("nsenter", "-t", pid, "-m", "find", "/tmp", "-type", "f", check=False).stdout
-        return sorted(listed.splitlines())
+        words = ["find", "/tmp", str(PROJECT), "-path", str(VENV), "-prune", "-o", "-type", "f", "-print"]
+        listed = sh("nsenter", "-t", pid, "-m", *words, check=False).stdout
+        return sorted(set(listed.splitlines()))
 
     def stop(self) -> None:
         for process in self.nodes.values():
