@@ -30,6 +30,8 @@ class Location:
     """A file or folder, local or on an object store. Folders on object stores are prefixes:
     they exist while something is under them."""
 
+    _listed: pafs.FileInfo | None = None  # what a listing said of it (`children`), so `size` asks nothing
+
     def __init__(self, where: str | Path | Location):
         if isinstance(where, Location):
             self.fs, self.path, self.scheme = where.fs, where.path, where.scheme
@@ -98,8 +100,7 @@ class Location:
 
     def size(self) -> int | None:
         """The file's size in bytes; None for a folder or nothing."""
-        listed = getattr(self, "_listed", None)
-        return (listed or self._info()).size
+        return (self._listed or self._info()).size
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
@@ -114,7 +115,7 @@ class Location:
         children = []
         for info in found:
             child = self / info.base_name
-            child._listed = info  # what the listing said, so that size() asks nothing more
+            child._listed = info
             children.append(child)
         return sorted(children)
 
@@ -158,6 +159,10 @@ class Location:
             self.fs.delete_dir(self.path)
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
+
+    def upload_file(self, path: Path) -> None:
+        """Copies the local file `path` here, streamed (a shard need not fit in memory)."""
+        pafs.copy_files(str(path.resolve()), self.path, pafs.LocalFileSystem(), self.fs)
 
     def upload(self, folder: Path) -> None:
         """Copies the local `folder`'s files to this location, in parallel."""

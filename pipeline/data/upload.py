@@ -46,7 +46,7 @@ def upload(root: Path, target: str) -> tuple[int, int]:
     todo = [p for p in shards if uploaded.get(p.name) != sums[p.name] or sizes.get(p.name) != p.stat().st_size]
 
     def put(path: Path) -> None:
-        (dest / str(path.relative_to(root))).write_bytes(path.read_bytes())
+        (dest / str(path.relative_to(root))).upload_file(path)
 
     with ThreadPoolExecutor(PARALLEL) as pool:
         list(pool.map(put, todo))

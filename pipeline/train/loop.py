@@ -195,9 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _checkpoint_scratch(run_dir: Location) -> Path:
     """Where rank 0 writes this run's checkpoints before Ray Train uploads them."""
-    scratch = Path(tempfile.gettempdir()) / "resnet-pipe-checkpoints" / run_dir.name
-    scratch.mkdir(parents=True, exist_ok=True)
-    return scratch
+    return Path(tempfile.gettempdir()) / "resnet-pipe-checkpoints" / run_dir.name
 
 
 def _clear_unsent_checkpoints(run_dir: Location) -> None:
@@ -273,7 +271,9 @@ def _save_and_report(
         return
     # Ray deletes the folder once uploaded; one whose upload a failure cut short is removed when
     # the run's next attempt starts (`_clear_unsent_checkpoints`)
-    folder = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=_checkpoint_scratch(worker.run_dir)))
+    scratch = _checkpoint_scratch(worker.run_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=scratch))
     checkpoint.save(
         folder, model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
         epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,

@@ -47,6 +47,15 @@ def sh(*words: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(words, check=check, capture_output=True, text=True)
 
 
+def kill_all(namespace: str) -> None:
+    """SIGKILLs every process in a network namespace."""
+    for pid in sh("ip", "netns", "pids", namespace, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class Network:
     """A bridge with this machine's address on it, and a network namespace a node."""
@@ -95,8 +104,7 @@ class Network:
         for i in range(len(NODES)):  # a veth pair goes with either end; the namespace's goes late
             sh("ip", "link", "del", f"rp{self.tag}{i}h", check=False)
         for ns in self.namespaces.values():
-            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)
+            kill_all(ns)
             sh("ip", "netns", "del", ns, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
 
@@ -300,13 +308,8 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
 
     def kill(self, node: str) -> None:
         """The node's machine gone at once: every process of it SIGKILLed."""
-        process = self.nodes[node]
-        for pid in sh("ip", "netns", "pids", self.net.namespaces[node], check=False).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        process.wait(timeout=30)
+        kill_all(self.net.namespaces[node])
+        self.nodes[node].wait(timeout=30)
 
     def files(self, node: str) -> list[str]:
         """Every file on the node's own disk: its private /tmp and the empty folder over the project
