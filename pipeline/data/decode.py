@@ -53,5 +53,3 @@ class FedPipeline:
         except Exception:
             self.pipe = self._built()
             raise
-
-

@@ -51,7 +51,9 @@ def load_index(root: str | Path | Location) -> Index:
             raise DatasetError(f"dataset folder {root} {what} (set data.root, or --set data.root=DIR)")
         out = root / INDEX
         if not (out / "dataset.json").is_file():
-            advice = "`resnet-pipe data upload` it" if root.remote else f"run `resnet-pipe data prepare {root}`"
+            advice = (
+                "`resnet-pipe data upload` it" if root.remote else f"run `resnet-pipe data prepare {root}`"
+            )
             raise DatasetError(f"{root} is not prepared: {advice} first")
         rows = [line.split("\t") for line in (out / "classes.tsv").read_text().splitlines()]
         splits = {}

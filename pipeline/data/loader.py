@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import Pipeline, do_not_convert
+from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from pipeline import system
-from pipeline.data import augment
 from pipeline.config import Data, Job
+from pipeline.data import augment
 from pipeline.data.decode import ENCODED_INPUT
 from pipeline.data.index import Index
 from pipeline.data.shards import read_shards

@@ -128,8 +128,13 @@ def first_image(root: str | Path | Location, split: str) -> bytes:
     """The image of the first sample of `split`'s first shard, read through the shard's index."""
     paths, index_paths = read_shards(root, split)
     if index_paths is None:
-        raise FileNotFoundError(f"the shards of {root} have no index files: run `data prepare --shards` again")
+        raise FileNotFoundError(
+            f"the shards of {root} have no index files: run `data prepare --shards` again"
+        )
     first_sample = Location(index_paths[0]).read_text().splitlines()[1].split()
-    entries = {first_sample[i]: (int(first_sample[i + 1]), int(first_sample[i + 2])) for i in range(0, len(first_sample), 4)}
+    entries = {
+        first_sample[i]: (int(first_sample[i + 1]), int(first_sample[i + 2]))
+        for i in range(0, len(first_sample), 4)
+    }
     offset, size = entries["img"]
     return Location(paths[0]).read_range(offset, size)

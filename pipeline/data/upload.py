@@ -43,7 +43,9 @@ def upload(root: Path, target: str) -> tuple[int, int]:
     uploaded = json.loads(there.read_text()).get("sha256", {}) if there.is_file() else {}
     sizes = {child.name: child.size() for child in (remote / FOLDER).children()}
     shards = [local / FOLDER / name for name in sorted(sums)]
-    todo = [p for p in shards if uploaded.get(p.name) != sums[p.name] or sizes.get(p.name) != p.stat().st_size]
+    todo = [
+        p for p in shards if uploaded.get(p.name) != sums[p.name] or sizes.get(p.name) != p.stat().st_size
+    ]
 
     def put(path: Path) -> None:
         (dest / str(path.relative_to(root))).upload_file(path)

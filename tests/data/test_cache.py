@@ -29,7 +29,11 @@ def test_an_uploaded_dataset_reads_as_the_local_one_and_a_second_upload_sends_on
     uploaded, kept = upload(sharded, s3)
     local, remote = load_index(sharded), load_index(s3)
     assert uploaded == len(list((sharded / INDEX / FOLDER).glob("*.tar"))) * 2 and kept == 0
-    assert (remote.dataset_hash, remote.classes, remote.splits) == (local.dataset_hash, local.classes, local.splits)
+    assert (remote.dataset_hash, remote.classes, remote.splits) == (
+        local.dataset_hash,
+        local.classes,
+        local.splits,
+    )
     assert read_shards(s3, "val")[0][0] == f"{s3}/index/shards/val-00000.tar"
     assert first_image(s3, "val") == first_image(sharded, "val")
     assert upload(sharded, s3) == (0, uploaded)

@@ -9,8 +9,8 @@ from conftest import build_layout
 from torchvision.datasets import ImageFolder
 
 from pipeline.data.index import DatasetError, load_index
-from pipeline.data.prepare import prepare
 from pipeline.data.layouts import read_layout
+from pipeline.data.prepare import prepare
 from pipeline.data.synth import write_dataset
 
 

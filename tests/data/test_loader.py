@@ -13,11 +13,11 @@ from conftest import KEPT_ODD
 from PIL import Image
 
 from pipeline import system
-from pipeline.data import loader
 from pipeline.config import Job, load_job
+from pipeline.data import loader
 from pipeline.data.index import Index, load_index
-from pipeline.data.prepare import prepare
 from pipeline.data.loader import build_loader
+from pipeline.data.prepare import prepare
 
 BATCH = 8
 

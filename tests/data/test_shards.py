@@ -12,8 +12,8 @@ import torch
 
 from pipeline.config import load_job
 from pipeline.data.index import load_index
-from pipeline.data.prepare import prepare
 from pipeline.data.loader import build_loader
+from pipeline.data.prepare import prepare
 from pipeline.data.shards import read_shards, shard_dir, write_shards
 
 
