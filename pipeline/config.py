@@ -62,7 +62,9 @@ Area = Annotated[float, Range(0, 1, open_low=True)]  # a share of the image's ar
 @dataclass(frozen=True)
 class Data:
     root: str = "data/sample"  # dataset folder or s3://... (`data prepare ROOT`, then `data upload`)
-    source: Literal["files", "shards"] = "files"  # shards: ROOT/index/shards/*.tar (`prepare --shards`)
+    # shards: ROOT/index/shards/*.tar (`prepare --shards`); memory: the images held in memory,
+    # from ROOT/index/pixels-*.npy (`data prepare` writes them for CIFAR; pipeline.data.memory)
+    source: Literal["files", "shards", "memory"] = "files"
     # each node copies a dataset on an object store here once, and reads it from local disk
     # (docs/benchmarks.md); "": DALI reads the shards from the object store itself
     cache_dir: str = "/tmp/resnet-pipe/datasets"
@@ -70,6 +72,14 @@ class Data:
     scale: tuple[Area, Area] = (0.08, 1.0)  # random-resized-crop area range (Szegedy et al. 2015)
     ratio: tuple[Positive, Positive] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip_prob: Probability = 0.5
+    # source = "memory" (CIFAR): zero padding on each side before the random crop_px crop
+    # (He et al. 2015, Section 4.2: 4 px), and the normalisation: "channel" (data.mean, data.std)
+    # or "pixel_mean" (the training set's mean image subtracted, as the paper; no std)
+    pad_px: Whole = 4
+    normalize: Literal["channel", "pixel_mean"] = "channel"
+    # source = "memory": train on all but this many training images, drawn once (seed 0), and
+    # validate on them (the paper's 45k/5k split of CIFAR-10: 5000); 0: validate on the val split
+    holdout: Whole = 0
     # brightness, contrast, saturation (factors in [1 - x, 1 + x]), hue (up to +-h of a turn)
     color_jitter: tuple[NonNegative, NonNegative, NonNegative, Annotated[float, Range(0, 0.5)]] = (0.0,) * 4
     auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugment Wide or RandAugment
@@ -95,6 +105,8 @@ class Data:
             )
         if self.ratio[0] > self.ratio[1]:
             raise JobError(f"'data.ratio' is {list(self.ratio)}: its first item must not be above the second")
+        if self.holdout and self.source != "memory":
+            raise JobError(f"'data.holdout' ({self.holdout}) needs data.source = 'memory'")
         if self.val_crop_px > self.val_resize_px:
             raise JobError(
                 f"'data.val_crop_px' ({self.val_crop_px}) is above 'data.val_resize_px' "
@@ -119,8 +131,14 @@ class Optim:
     weight_decay: NonNegative = 1e-4  # not applied to BatchNorm weights and biases
     label_smoothing: Fraction = 0.1
     warmup_epochs: NonNegative = 5.0  # linear from 0, then the decay below
+    warmup_iters: Whole = 0  # > 0: the warmup in optimizer steps, in place of warmup_epochs
+    # constant: warmup_lr_ratio x the peak for the whole warmup (He et al. 2015 train ResNet-110
+    # on CIFAR at 0.01 for about 400 iterations, then 0.1)
+    warmup_shape: Literal["linear", "constant"] = "linear"
+    warmup_lr_ratio: Probability = 0.1
     schedule: Literal["cosine", "step"] = "cosine"
     step_epochs: tuple[Whole, ...] = (30, 60, 80)  # step decay boundaries, x0.1 each (He et al. 2016)
+    step_iters: tuple[Whole, ...] = ()  # in optimizer steps, in place of step_epochs (CIFAR: 32000, 48000)
     min_lr_ratio: Probability = 0.0  # cosine floor, as a fraction of the peak
     accumulation_steps: Count = 1  # micro-batches per optimizer step; the global batch includes them
     clip_grad_norm: NonNegative = 0.0  # max global gradient norm; 0: no clipping
@@ -173,6 +191,9 @@ class Job:
     description: str = ""
     dataset: str = ""  # human-readable dataset name, for listings
     epochs: Count = 90
+    # > 0: train this many optimizer steps in place of `epochs` (the paper's CIFAR schedules:
+    # 64000); the last epoch stops where they end, and is evaluated there
+    iterations: Whole = 0
     seed: Whole = 0
     target_top1: Probability = 0.0  # the accuracy this job aims at; time to reach it is logged once reached
     data: Data = field(default_factory=Data)
@@ -189,6 +210,16 @@ class Job:
                 f"{', '.join(map(str, odd))} workers: choose scaling.min_workers, scaling.num_workers, "
                 "batch_size_per_worker and optim.accumulation_steps so that it does for every worker count"
             )
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Epochs the run trains, started or not: `epochs`, or those that hold `iterations`."""
+        return -(-self.iterations // steps_per_epoch) if self.iterations else self.epochs
+
+    def steps_in(self, epoch: int, steps_per_epoch: int) -> int:
+        """Optimizer steps of `epoch`: all of them, but in the epoch where `iterations` end."""
+        if not self.iterations:
+            return steps_per_epoch
+        return max(0, min(steps_per_epoch, self.iterations - epoch * steps_per_epoch))
 
     def crop_px_at(self, epoch: int) -> int:
         """The training crop for `epoch`: progressive resizing (Tan and Le 2021), else `data.crop_px`."""

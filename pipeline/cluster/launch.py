@@ -188,9 +188,16 @@ def submit(
             f"--name, or continue it under the new settings with --resume {run_name} --allow-changes"
         )
     index = index or load_index(job.data.root)  # raises DatasetError before anything starts
-    if index.root.remote and job.data.source != "shards":
+    epochs = planned_epochs(job, index)
+    if index.root.remote and job.data.source not in ("shards", "memory"):
         raise DatasetError(
             f"a dataset on an object store ({index.root}) is read from its shards: set data.source='shards'"
+            " (or 'memory', for the pixel arrays of small images)"
+        )
+    if index.layout.endswith("-python") and job.data.source != "memory":
+        raise DatasetError(
+            f"{index.root} is CIFAR's python release: its images are arrays, not files; "
+            "set data.source='memory'"
         )
     if cluster_address(address) is not None:  # before the MLflow run: nothing half-made on a refusal
         connect(address, log_to_driver=False)
@@ -202,8 +209,8 @@ def submit(
         if changes:
             tracking.record_changes(run_id, changes, step=meta["step"])
             say(f"resuming with changed settings, recorded in the MLflow run: {', '.join(changes)}")
-        if meta["epoch"] >= job.epochs and meta["epoch_step"] == 0:
-            say(f"run '{run_name}' already finished {job.epochs} epochs; nothing to do")
+        if meta["epoch"] >= epochs and meta["epoch_step"] == 0:
+            say(f"run '{run_name}' already finished {epochs} epochs; nothing to do")
             tracking.close_run(run_id, succeeded=True)
             return Outcome(True, meta["metrics"], run_id, run_dir)
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
@@ -252,7 +259,7 @@ def submit(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
         ),
     )
-    view = ProgressView(board, job.epochs, progress_to, live) if board else contextlib.nullcontext()
+    view = ProgressView(board, epochs, progress_to, live) if board else contextlib.nullcontext()
     try:
         with view:
             result = trainer.fit()
@@ -314,6 +321,17 @@ def settings_changes(was: dict, now: dict) -> dict[str, tuple]:
         for key in sorted(before.keys() | after.keys())
         if before.get(key) != after.get(key)
     }
+
+
+def planned_epochs(job: Job, index: Index) -> int:
+    """The epochs `job` trains on `index`: its `epochs`, or as many as hold its `iterations`."""
+    if not job.iterations:
+        return job.epochs
+    images = len(index.splits["train"]) - job.data.holdout
+    steps = images // job.global_batch_size
+    if job.run.max_steps_per_epoch:
+        steps = min(steps, job.run.max_steps_per_epoch)
+    return job.epochs_for(max(steps, 1))
 
 
 def _register(

@@ -30,6 +30,7 @@ class Index:
     names: list[str]
     splits: dict[str, list[tuple[str, int]]]
     dataset_hash: str
+    layout: str = ""  # as `data prepare` found it: "folders", ..., "cifar-10-python"
 
     def files(self, split: str) -> list[str]:
         return [path for path, _ in self.splits[split]]
@@ -60,7 +61,8 @@ def load_index(root: str | Path | Location) -> Index:
         for split in SPLITS:
             lines = (out / f"{split}.tsv").read_text().splitlines()
             splits[split] = [(rel, int(label)) for rel, label in (line.rsplit("\t", 1) for line in lines)]
-        digest = json.loads((out / "dataset.json").read_text())["hash"]
+        summary = json.loads((out / "dataset.json").read_text())
     except StorageError as e:
         raise DatasetError(str(e)) from e
-    return Index(root, [r[1] for r in rows], [r[2] for r in rows], splits, digest)
+    classes, names = [r[1] for r in rows], [r[2] for r in rows]
+    return Index(root, classes, names, splits, summary["hash"], summary["layout"])

@@ -1,8 +1,12 @@
-"""The dataset layouts ImageNet users have, read into one form: class ids and (path, class) lists.
+"""The dataset layouts ImageNet and CIFAR users have, read into one form: class ids and (path,
+class) lists.
 
-Three layouts, found by what ROOT holds:
+Four layouts, found by what ROOT holds:
 
-- folders: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (torchvision's ImageFolder layout);
+- CIFAR-10 or CIFAR-100's python release (`pipeline.data.cifar`): the archive or its folder; the
+  images come as arrays, so their "paths" name a batch and a row (`data_batch_1/42`);
+- folders: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (torchvision's ImageFolder layout), or
+  `ROOT/test/<class>/*` in place of val/ (CIFAR as image files);
 - Kaggle's ILSVRC: `ROOT/ILSVRC/Data/CLS-LOC/train/<wnid>/*`, a flat `.../CLS-LOC/val/`, with
   `ROOT/LOC_val_solution.csv` (ImageId, PredictionString: the first word is the wnid) and
   `ROOT/LOC_synset_mapping.txt` (wnid, then its words);
@@ -21,6 +25,10 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.data.cifar import CifarError, find_release
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SPLITS = ("train", "val")
 KAGGLE_DATA = Path("ILSVRC/Data/CLS-LOC")
@@ -32,10 +40,12 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Layout:
-    kind: str  # "folders", "kaggle" or "devkit"
+    kind: str  # "folders", "kaggle", "devkit", "cifar-10-python" or "cifar-100-python"
     classes: list[str]  # class ids (wnids or folder names), sorted: list position = class index
     names: dict[str, str]  # class id -> human-readable name
     files: dict[str, list[tuple[str, str]]]  # split -> (path relative to ROOT, class id)
+    sources: tuple[Path, ...] = ()  # the files the images were read from, when not one per image
+    pixels: dict[str, np.ndarray] | None = None  # split -> N x H x W x 3 uint8, in `files` order
 
 
 def _images(folder: Path) -> list[Path]:
@@ -70,25 +80,44 @@ def read_layout(root: Path) -> Layout:
     Raises:
         LayoutError: `root` is in no known layout, or a validation label names an unknown class.
     """
+    if release := find_release(root):
+        return _cifar(release)
     if (root / KAGGLE_DATA / "train").is_dir():
         return _kaggle(root)
     if not (root / "train").is_dir():
         raise LayoutError(
             f"{root} has no train/ folder; expected ImageNet's layout ROOT/train/<class>/*.JPEG with "
-            f"ROOT/val/<class>/*.JPEG (or Kaggle's ILSVRC/Data/CLS-LOC, or a flat val/ with the devkit); "
-            f"make a sample with `resnet-pipe data synth DIR`"
+            f"ROOT/val/<class>/*.JPEG (or Kaggle's ILSVRC/Data/CLS-LOC, or a flat val/ with the devkit), "
+            f"or CIFAR's cifar-10-python.tar.gz or cifar-100-python.tar.gz; make a sample with "
+            f"`resnet-pipe data synth DIR`"
         )
+    if (root / "test").is_dir() and not (root / "val").is_dir():
+        return _folders(root, "test")
     if not (root / "val").is_dir():
-        raise LayoutError(f"{root} has no val/ folder")
+        raise LayoutError(f"{root} has no val/ folder (nor test/, as CIFAR's image folders have)")
     if any(p.is_dir() for p in (root / "val").iterdir()):
-        return _folders(root)
+        return _folders(root, "val")
     return _devkit(root)
 
 
-def _folders(root: Path) -> Layout:
+def _cifar(release) -> Layout:
+    try:
+        classes, splits = release.read()
+    except CifarError as e:
+        raise LayoutError(str(e)) from None
+    files = {
+        split: [(f"{split}/{row:05d}", classes[label]) for row, label in enumerate(labels)]
+        for split, (_, labels, _) in splits.items()
+    }
+    pixels = {split: images for split, (images, _, _) in splits.items()}
+    kind = release.flavour.archive.removesuffix(".tar.gz")
+    return Layout(kind, classes, {c: c for c in classes}, files, tuple(release.sources), pixels)
+
+
+def _folders(root: Path, val_name: str) -> Layout:
     classes, train = _class_folders(root, root / "train")
     val = []
-    for folder in sorted(p for p in (root / "val").iterdir() if p.is_dir()):
+    for folder in sorted(p for p in (root / val_name).iterdir() if p.is_dir()):
         if folder.name not in classes:
             raise LayoutError(f"{folder} is a class that train/ does not have")
         val += [(str(path.relative_to(root)), folder.name) for path in _images(folder)]

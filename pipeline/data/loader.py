@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from nvidia.dali import fn, pipeline_def, types
@@ -33,6 +34,7 @@ from pipeline.config import Data, Job
 from pipeline.data import augment
 from pipeline.data.decode import ENCODED_INPUT
 from pipeline.data.index import Index
+from pipeline.data.memory import Order, load_pixels, memory_pipeline, split_rows
 from pipeline.data.shards import read_shards
 
 READER = "reader"
@@ -212,13 +214,20 @@ def eval_transform(encoded, data: Data, gpu: bool, threads: int):
 class Loader:
     """Iterates (images, labels, ids) batches of one split's shard, on `device`."""
 
-    def __init__(self, iterator: DALIGenericIterator, labels: torch.Tensor, device: torch.device):
+    def __init__(
+        self,
+        iterator: DALIGenericIterator,
+        labels: torch.Tensor,
+        device: torch.device,
+        batches: int | None = None,
+    ):
         self._iterator = iterator
         self._labels = labels
         self._device = device
+        self._batches = batches  # per epoch, where no reader tells the iterator (a memory pipeline)
 
     def __len__(self) -> int:
-        return len(self._iterator)
+        return len(self._iterator) if self._batches is None else self._batches
 
     def state(self) -> bytes:
         """The pipeline's exact position and RNG state (DALI checkpointing), prefetched batches
@@ -270,6 +279,17 @@ def build_loader(
     gpu = device.type == "cuda"
     train = split == "train"
     seed = job.seed if seed is None else seed
+    common = dict(
+        batch_size=job.scaling.batch_size_per_worker,
+        num_threads=job.data.threads_per_worker,
+        device_id=device.index or 0 if gpu else None,
+        seed=seed + shard_id,  # augmentation randomness: differs between shards
+        prefetch_queue_depth=job.data.prefetch_batches,
+        enable_checkpointing=True,  # no cost per DALI's docs; makes mid-epoch resume exact
+        checkpoint=checkpoint,
+    )
+    if job.data.source == "memory":
+        return _memory_loader(job, index, split, shard_id, num_shards, device, seed, crop_px, common)
     extra = {"crop_px": crop_px or job.data.crop_px} if train else {}
     pipe = (train_pipeline if train else val_pipeline)(
         **extra,
@@ -281,14 +301,8 @@ def build_loader(
         num_shards=num_shards,
         gpu=gpu,
         threads=job.data.threads_per_worker,
-        batch_size=job.scaling.batch_size_per_worker,
-        num_threads=job.data.threads_per_worker,
-        device_id=device.index or 0 if gpu else None,
         order_seed=seed,  # the sample order: the same on every shard
-        seed=seed + shard_id,  # augmentation randomness: differs between shards
-        prefetch_queue_depth=job.data.prefetch_batches,
-        enable_checkpointing=True,  # no cost per DALI's docs; makes mid-epoch resume exact
-        checkpoint=checkpoint,
+        **common,
     )
     iterator = DALIGenericIterator(
         [pipe],
@@ -298,3 +312,38 @@ def build_loader(
         auto_reset=True,
     )
     return Loader(iterator, torch.tensor(index.labels(split), dtype=torch.long), device)
+
+
+def _memory_loader(
+    job: Job,
+    index: Index,
+    split: str,
+    shard_id: int,
+    num_shards: int,
+    device: torch.device,
+    seed: int,
+    crop_px: int | None,
+    common: dict,
+) -> Loader:
+    """`build_loader` for `data.source = "memory"` (`pipeline.data.memory`)."""
+    source, rows = split_rows(job.data, split, len(index.splits["train"]), len(index.splits["val"]))
+    pixels = load_pixels(index.root, source)
+    mean_image = np.zeros(pixels.shape[1:], np.float32)
+    if job.data.normalize == "pixel_mean":  # of the images trained on, as the paper
+        _, train_rows = split_rows(job.data, "train", len(index.splits["train"]), len(index.splits["val"]))
+        train_pixels = pixels if source == "train" else load_pixels(index.root, "train")
+        mean_image = train_pixels[train_rows].mean(axis=0, dtype=np.float64).astype(np.float32)
+    train = split == "train"
+    order = Order(pixels, rows, job.scaling.batch_size_per_worker, shard_id, num_shards, seed, train)
+    pipe = memory_pipeline(
+        data=job.data,
+        order=order,
+        train=train,
+        gpu=device.type == "cuda",
+        crop_px=crop_px or job.data.crop_px,
+        mean_image=mean_image,
+        **common,
+    )
+    iterator = DALIGenericIterator([pipe], ["images", "ids"], auto_reset=True)
+    labels = torch.tensor(index.labels(source), dtype=torch.long)
+    return Loader(iterator, labels, device, batches=order.batches)

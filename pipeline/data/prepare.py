@@ -10,6 +10,12 @@ DALI's CPU decoder (in parallel, with a progress bar), and writes ROOT/index/:
     manifest.jsonl  one line per file: path, size, mtime_ns, blake2b checksum, and why it was left out
     dataset.json    layout, counts and the dataset hash (recorded by every run)
     report.txt      counts, and every file left out with the reason
+    pixels-train.npy, pixels-val.npy
+                    small images (CIFAR's 32 x 32) as one N x H x W x 3 uint8 array per split, in
+                    the .tsv's order: what `data.source = "memory"` trains from
+
+CIFAR's python release has no image files: its manifest lists the archive (or the extracted
+batch files), and the dataset hash takes each image's pixels in place of a file's checksum.
 
 The manifest makes `prepare` incremental and resumable: a file whose size and mtime match its
 manifest line is not decoded again, and lines are appended as files are checked, so an
@@ -30,14 +36,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.decode import FedPipeline, decode_pipeline
 from pipeline.data.index import INDEX, DatasetError
-from pipeline.data.layouts import SPLITS, LayoutError, read_layout
+from pipeline.data.layouts import SPLITS, Layout, LayoutError, read_layout
 
 MANIFEST = "manifest.jsonl"
+PIXELS = "pixels-{split}.npy"
+MEMORY_MAX_PX = 64  # images up to this size (per side) are also kept as arrays, for `source = "memory"`
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,10 @@ def prepare(root: Path, workers: int | None = None) -> Report:
         raise DatasetError(str(e)) from None
     index_of = {c: i for i, c in enumerate(layout.classes)}
     rels = [rel for split in SPLITS for rel, _ in layout.files[split]]
-    entries, checked = _verify(root, rels, workers)
+    if layout.pixels is not None:
+        entries, checked = _array_entries(root, layout), len(rels)  # every image read from the release
+    else:
+        entries, checked = _verify(root, rels, workers)
 
     kept: dict[str, list[tuple[str, int, str]]] = {}
     rejected = []
@@ -203,9 +215,73 @@ def prepare(root: Path, workers: int | None = None) -> Report:
         layout.kind, counts, sorted(rejected), len(layout.classes), digest, checked, len(rels) - checked
     )
     summary = {"layout": layout.kind, "classes": len(layout.classes), "counts": counts, "hash": digest}
+    if shape := _write_pixels(root, layout, kept):
+        summary["pixels"] = shape
     (out / "dataset.json").write_text(json.dumps(summary, indent=1))
     (out / "report.txt").write_text(format_report(root, report), encoding="utf-8")
     return report
+
+
+def _array_entries(root: Path, layout: Layout) -> dict[str, dict]:
+    """Manifest entries for a dataset read as arrays: one line per source file, and per image its
+    pixels' checksum (what the dataset hash takes)."""
+    out = root / INDEX
+    out.mkdir(exist_ok=True)
+    lines = []
+    for source in layout.sources:
+        stat = source.stat()
+        digest = hashlib.blake2b(source.read_bytes(), digest_size=16).hexdigest()
+        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": digest, "error": None}
+        lines.append(json.dumps({"path": str(source.relative_to(root))} | entry))
+    _write_lines(out / MANIFEST, lines)
+    return {
+        rel: {"blake2b": hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest(), "error": None}
+        for split in SPLITS
+        for (rel, _), image in zip(layout.files[split], layout.pixels[split])
+    }
+
+
+def _write_pixels(
+    root: Path, layout: Layout, kept: dict[str, list[tuple[str, int, str]]]
+) -> list[int] | None:
+    """Writes each split's images as one array when they are small and all of one size (CIFAR):
+    the release's own arrays, or the files decoded once. Returns the training array's shape."""
+    out = root / INDEX
+    for split in SPLITS:
+        (out / PIXELS.format(split=split)).unlink(missing_ok=True)  # never one left from before
+    if layout.pixels is not None:
+        arrays = {split: layout.pixels[split] for split in SPLITS}  # every image is kept
+    else:
+        arrays = _small_images(root, kept)
+        if arrays is None:
+            return None
+    for split, array in arrays.items():
+        path = out / PIXELS.format(split=split)
+        with open(path.with_suffix(".tmp"), "wb") as f:
+            np.save(f, array)
+        path.with_suffix(".tmp").replace(path)
+    return list(arrays["train"].shape)
+
+
+def _small_images(root: Path, kept: dict[str, list[tuple[str, int, str]]]) -> dict[str, np.ndarray] | None:
+    """The kept images decoded to RGB arrays, if the first is at most MEMORY_MAX_PX a side and
+    every other has its size; else None."""
+    if not kept["train"]:
+        return None
+    with Image.open(root / kept["train"][0][0]) as first:
+        size = first.size
+    if max(size) > MEMORY_MAX_PX:
+        return None
+    arrays = {}
+    for split in SPLITS:
+        array = np.empty((len(kept[split]), size[1], size[0], 3), dtype=np.uint8)
+        for i, (rel, _, _) in enumerate(kept[split]):
+            with Image.open(root / rel) as image:
+                if image.size != size:
+                    return None
+                array[i] = np.asarray(image.convert("RGB"))
+        arrays[split] = array
+    return arrays
 
 
 def format_report(root: Path, report: Report) -> str:

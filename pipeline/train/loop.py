@@ -152,7 +152,7 @@ def train_loop_per_worker(config: dict) -> None:
     if loader_state is None and state.epoch_step:  # re-sharded mid-epoch: line up with the epoch's end
         train_loader.skip(state.epoch_step * job.optim.accumulation_steps)
 
-    for epoch in range(state.epoch, job.epochs):
+    for epoch in range(state.epoch, job.epochs_for(steps_per_epoch)):
         if job.crop_px_at(epoch) != crop_px:  # progressive resizing: same sample order, new size
             crop_px = job.crop_px_at(epoch)
             position = train_loader.state()
@@ -160,8 +160,9 @@ def train_loop_per_worker(config: dict) -> None:
                 job, index, "train", rank, world, device, checkpoint=position, crop_px=crop_px
             )
         started = time.perf_counter()
-        metrics = train_one_epoch(worker, step_fn, train_loader, state, steps_per_epoch)
-        train_loader.end_epoch(len(train_loader) - steps_per_epoch * job.optim.accumulation_steps)
+        steps = job.steps_in(epoch, steps_per_epoch)
+        metrics = train_one_epoch(worker, step_fn, train_loader, state, steps, steps_per_epoch)
+        train_loader.end_epoch(len(train_loader) - steps * job.optim.accumulation_steps)
         scores = evaluate(model, val_loader, device, job, len(index.classes))
         metrics |= scores.metrics
         per_class = {"model": scores.per_class}
@@ -291,10 +292,11 @@ def _save_and_report(
 
 
 def train_one_epoch(
-    worker: Worker, step_fn: Stepper, loader: Loader, state: State, steps: int
+    worker: Worker, step_fn: Stepper, loader: Loader, state: State, steps: int, steps_per_epoch: int
 ) -> dict[str, float]:
     """Runs the rest of the epoch (`steps` optimizer steps in all, each over
-    `optim.accumulation_steps` batches); checkpoints every `run.checkpoint_every_steps` steps too.
+    `optim.accumulation_steps` batches; fewer than `steps_per_epoch` where `iterations` end);
+    checkpoints every `run.checkpoint_every_steps` steps too.
 
     Returns:
         train/loss (mean over ranks), train/images_per_s (all ranks, steady state: from the end of
@@ -304,6 +306,7 @@ def train_one_epoch(
     step_fn.model.train()
     job = worker.job
     loss_sum = torch.zeros((), device=worker.device)
+    misses = step_fn.take_misses()  # zeros: the epoch's misses from here
     first, images_seen, waited = state.epoch_step, 0, 0.0
     batches = iter(loader)
     start = time.perf_counter()
@@ -318,7 +321,7 @@ def train_one_epoch(
         waited += time.perf_counter() - fetch
         if worker.sample_log:
             _append_ids(worker.sample_log, state, torch.cat([ids for _, _, ids in micro]))
-        lr = lr_at(state.step, job, steps)
+        lr = lr_at(state.step, job, steps_per_epoch)
         loss = step_fn([(images, labels) for images, labels, _ in micro], lr)
         loss_sum += loss
         images_seen += sum(len(labels) for _, labels, _ in micro) * worker.world
@@ -329,7 +332,9 @@ def train_one_epoch(
         if worker.rank == 0 and state.epoch_step % job.run.log_every_steps == 0:
             since = timed_from if state.epoch_step > timed_from else first
             elapsed, timed = time.perf_counter() - start, state.epoch_step - since
-            progress = _progress(state, steps, loss, images_seen, waited, elapsed, timed)
+            window = step_fn.take_misses()
+            misses += window
+            progress = _progress(state, steps, loss, window, images_seen, waited, elapsed, timed)
             if worker.board is not None:
                 worker.board.post.remote(progress)  # the driver draws the bar
             else:
@@ -343,8 +348,10 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     taken = torch.tensor(float(state.epoch_step - first), device=loss_sum.device)
     loss_mean = all_reduce_sum(torch.stack([loss_sum, taken]))
+    misses = all_reduce_sum(misses + step_fn.take_misses())
     return {
         "train/loss": float(loss_mean[0] / loss_mean[1]),
+        "train/error": float(misses[0] / misses[1].clamp(min=1)),
         "train/images_per_s": images_seen / elapsed,
         "train/images_per_s_per_worker": images_seen / elapsed / worker.world,
         "train/data_wait": waited / elapsed,
@@ -352,12 +359,21 @@ def train_one_epoch(
 
 
 def _progress(
-    state: State, steps: int, loss: torch.Tensor, images: int, waited: float, elapsed: float, timed_steps: int
+    state: State,
+    steps: int,
+    loss: torch.Tensor,
+    misses: torch.Tensor,
+    images: int,
+    waited: float,
+    elapsed: float,
+    timed_steps: int,
 ) -> Progress:
     eta_s = elapsed / max(timed_steps, 1) * (steps - state.epoch_step)
-    # note: .item() is a device sync point, once every log_every_steps steps
+    # note: .item() and .tolist() are device sync points, once every log_every_steps steps
+    missed, seen = misses.tolist()
+    error = missed / max(seen, 1)
     return Progress(
-        state.epoch, state.epoch_step, steps, loss.item(), images / elapsed, waited / elapsed, eta_s
+        state.epoch, state.epoch_step, steps, loss.item(), error, images / elapsed, waited / elapsed, eta_s
     )
 
 

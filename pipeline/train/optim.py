@@ -42,14 +42,18 @@ def build_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
 
 
 def lr_at(step: int, job: Job, steps_per_epoch: int) -> float:
-    """Learning rate at global `step` (0-based): linear warmup from 0, then cosine or step decay."""
+    """Learning rate at global `step` (0-based): a warmup (linear from 0, or constant at a share
+    of the peak), then cosine or step decay; boundaries and lengths in epochs or in steps."""
     peak, opt = job.peak_lr, job.optim
-    epoch = step / steps_per_epoch  # fractional
-    if epoch < opt.warmup_epochs:
-        return peak * (step + 1) / (opt.warmup_epochs * steps_per_epoch)
+    warmup = opt.warmup_iters or opt.warmup_epochs * steps_per_epoch  # in steps
+    if step < warmup:
+        return peak * (opt.warmup_lr_ratio if opt.warmup_shape == "constant" else (step + 1) / warmup)
     if opt.schedule == "step":
-        return peak * 0.1 ** sum(epoch >= boundary for boundary in opt.step_epochs)
-    progress = (epoch - opt.warmup_epochs) / max(job.epochs - opt.warmup_epochs, 1e-8)
+        if opt.step_iters:
+            return peak * 0.1 ** sum(step >= boundary for boundary in opt.step_iters)
+        return peak * 0.1 ** sum(step / steps_per_epoch >= boundary for boundary in opt.step_epochs)
+    total = job.iterations or job.epochs * steps_per_epoch
+    progress = (step - warmup) / max(total - warmup, 1e-8)
     floor = peak * opt.min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 

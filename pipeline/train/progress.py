@@ -33,6 +33,7 @@ class Progress:
     epoch_step: int
     steps: int
     loss: float
+    error: float  # top-1 training error over the batches since the last progress
     images_per_s: float
     data_wait: float
     eta_s: float
@@ -40,7 +41,7 @@ class Progress:
     def line(self) -> str:
         return (
             f"epoch {self.epoch} step {self.epoch_step}/{self.steps} "
-            f"({100 * self.epoch_step // self.steps} %)  loss {self.loss:.4f}  "
+            f"({100 * self.epoch_step // self.steps} %)  loss {self.loss:.4f}  error {self.error:.3f}  "
             f"images/s {self.images_per_s:.1f}  data wait {100 * self.data_wait:.0f} %  "
             f"epoch ETA {self.eta_s // 60:.0f}m{self.eta_s % 60:02.0f}s"
         )
@@ -48,6 +49,7 @@ class Progress:
     def metrics(self, lr: float) -> dict[str, float]:
         return {
             "train/step_loss": self.loss,
+            "train/step_error": self.error,
             "train/lr": lr,
             "train/step_images_per_s": self.images_per_s,
             "train/step_data_wait": self.data_wait,

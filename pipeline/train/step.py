@@ -67,6 +67,13 @@ class Stepper:
         self.autocast_dtype = autocast_dtype(job, device)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        self.misses = torch.zeros(2, device=device)  # top-1 misses and images since `take_misses`
+
+    def take_misses(self) -> torch.Tensor:
+        """The training batches' top-1 misses and images since the last call (the paper's
+        "training error", He et al. 2015 Figure 6: on the augmented batches, as trained)."""
+        taken, self.misses = self.misses, torch.zeros(2, device=self.device)
+        return taken
 
     def __call__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> torch.Tensor:
         """Accumulates the gradients of `batches` (gradients sync across ranks once, on the
@@ -97,6 +104,8 @@ class Stepper:
         )
         with autocast(self.device, self.autocast_dtype):
             logits = self.model(images)
+        with torch.no_grad():  # against the batch's own labels, also when mixup blends them
+            self.misses += torch.stack([(logits.argmax(dim=1) != labels).sum(), torch.tensor(len(labels))])
         return classification_loss(logits.float(), targets, self.job)
 
 
