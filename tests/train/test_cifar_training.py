@@ -1,0 +1,72 @@
+"""A paper recipe (jobs/cifar10-resnet20) trains through Ray Train and DALI like every other
+job: from CIFAR-10's canonical python archive and from CIFAR image folders, on 2 CPU workers,
+with its schedule in iterations, ending where the iterations end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cifar_release import images, write_cifar10
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.cluster.launch import submit
+from pipeline.config import load_job
+from pipeline.data.index import DatasetError
+from pipeline.data.prepare import prepare
+from pipeline.data.synth import CLASSES
+from pipeline.tracking import tracking_uri
+from pipeline.train import checkpoint
+
+pytestmark = pytest.mark.ray
+
+
+def _folders(root: Path) -> None:
+    pixels, labels = images(96, seed=5)
+    for i, (image, label) in enumerate(zip(pixels, labels)):
+        folder = root / ("train" if i < 64 else "test") / CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+@pytest.mark.parametrize("layout", ["archive", "folders"])
+def test_a_cifar_recipe_trains_its_iterations_from_the_archive_and_from_folders(
+    layout: str, ray_session, workdir: Path
+) -> None:
+    root = workdir / "cifar10"
+    if layout == "archive":
+        write_cifar10(root, train=64, test=32)
+    else:
+        _folders(root)
+    prepare(root, workers=1)
+    # 64 images in global batches of 16: 4 steps an epoch; 10 iterations end 2 steps into epoch 2
+    job = load_job(
+        "cifar10-resnet20",
+        [f"data.root='{root}'", "scaling.use_gpu=false", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+         "scaling.batch_size_per_worker=8", "data.threads_per_worker=1", "iterations=10",
+         "optim.step_iters=[6]", "run.log_every_steps=1"],
+    )  # fmt: skip
+    outcome = submit(job, f"cifar-{layout}")
+    assert outcome.finished, outcome.error
+    meta = checkpoint.read_meta(checkpoint.latest(outcome.run_dir))
+    assert (meta["epoch"], meta["step"]) == (3, 10)
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.data.params["model.arch"] == "cifar_resnet20" and run.data.params["data.source"] == "memory"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0, 1, 2]
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert lrs[1] == pytest.approx(job.peak_lr) and lrs[10] == pytest.approx(job.peak_lr / 10)  # at step 6
+    errors = client.get_metric_history(run.info.run_id, "train/step_error")
+    assert len(errors) == 10 and all(0 <= m.value <= 1 for m in errors)
+
+
+def test_the_python_release_read_as_files_names_the_setting(ray_session, workdir: Path) -> None:
+    root = workdir / "cifar10"
+    write_cifar10(root, train=16, test=8)
+    prepare(root)
+    job = load_job(
+        "cifar10-resnet20", [f"data.root='{root}'", "data.source='files'", "scaling.use_gpu=false"]
+    )
+    with pytest.raises(DatasetError, match="python release.*set data.source='memory'"):
+        submit(job, "as-files")
