@@ -7,6 +7,12 @@ A third row is DALI's ceiling: decode and resize alone. On a GPU machine a fourt
 with nvJPEG ("mixed"). Each row runs for `seconds` after a warm-up, one after the other in
 the same process, and the ratio is printed.
 
+With a dataset held in memory (CIFAR: `data prepare` wrote its pixel arrays), it compares the
+memory pipeline (the paper's pad, crop, flip and normalisation) against torchvision's `CIFAR10`
+dataset in a DataLoader with the same transforms (`RandomCrop(32, padding=4)`,
+`RandomHorizontalFlip`, `ToTensor`, `Normalize`), and measures the share of a ResNet-20 training
+step spent waiting for the pipeline's next batch.
+
 With a dataset on an object store (`--root s3://...`, uploaded by `data upload`), it compares the
 two ways a node can train from there against the same pipeline over a plain copy of the shards
 on local disk: each node's staged copy (`pipeline.data.cache`, checksummed; its staging time is
@@ -35,6 +41,7 @@ from pipeline.data.cache import stage
 from pipeline.data.index import Index, load_index
 from pipeline.data.layouts import IMAGE_SUFFIXES
 from pipeline.data.loader import antialiased_resize, build_loader
+from pipeline.data.memory import load_pixels
 from pipeline.data.shards import shard_dir
 from pipeline.storage import Location
 
@@ -197,3 +204,70 @@ def bench_data_remote(
 
 def _megabytes(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+
+
+def bench_data_memory(root: Path, seconds: float = 20.0, workers: int | None = None, batch: int = 128):
+    """The memory pipeline against torchvision's CIFAR10 DataLoader on the dataset at `root`,
+    then ResNet-20 training steps fed by the pipeline: the rows, and the steps' data wait."""
+    from torchvision.datasets import CIFAR10
+
+    workers = workers or len(os.sched_getaffinity(0))
+    settings = [f"data.root='{root}'", "scaling.use_gpu=false", f"scaling.batch_size_per_worker={batch}",
+                f"data.threads_per_worker={workers}", "data.normalize='channel'"]  # fmt: skip
+    job = load_job("cifar10-resnet20", settings)
+    index = load_index(root)
+    data = job.data
+    # torchvision's own CIFAR10 class (its __getitem__: array -> PIL image -> transforms) over our
+    # arrays; its constructor would insist on the official archive's checksums
+    dataset = CIFAR10.__new__(CIFAR10)
+    dataset.data, dataset.targets, dataset.target_transform = (
+        load_pixels(index.root, "train"),
+        index.labels("train"),
+        None,
+    )
+    dataset.transform = T.Compose([
+        T.RandomCrop(data.crop_px, padding=data.pad_px),
+        T.RandomHorizontalFlip(data.hflip_prob),
+        T.PILToTensor(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(data.mean, data.std),
+    ])  # fmt: skip
+    torchvision = DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True, drop_last=True
+    )
+    rows = [
+        measure("torchvision CIFAR10 DataLoader (PIL)", torchvision, seconds),
+        measure("DALI memory pipeline (CPU)", build_loader(job, index, "train"), seconds),
+    ]
+    return rows, data_wait(job, index, steps=30)
+
+
+def data_wait(job: Job, index: Index, steps: int) -> float:
+    """The share of `steps` ResNet-20 training steps (after 3 of warm-up) spent waiting for the
+    pipeline's next batch, as the training loop measures `train/data_wait`."""
+    from pipeline.models import create_model
+
+    model = create_model("cifar_resnet20", num_classes=len(index.classes)).to(
+        memory_format=torch.channels_last
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    batches = _forever_batches(build_loader(job, index, "train"))
+    waited = 0.0
+    for step in range(steps + 3):
+        if step == 3:
+            waited, start = 0.0, time.perf_counter()
+        fetch = time.perf_counter()
+        images, labels, _ = next(batches)
+        waited += time.perf_counter() - fetch
+        loss = torch.nn.functional.cross_entropy(
+            model(images.contiguous(memory_format=torch.channels_last)), labels
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return waited / (time.perf_counter() - start)
+
+
+def _forever_batches(loader: Iterable):
+    while True:
+        yield from loader

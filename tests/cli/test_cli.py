@@ -96,6 +96,21 @@ def test_bench_data_prints_every_row_against_torchvision(prepared_dataset: Path)
     assert ratios[0] == 1.0 and all(s > 0 for s in speeds)
 
 
+def test_bench_data_on_cifar_runs_torchvisions_cifar10_beside_the_memory_pipeline(tmp_path: Path) -> None:
+    from cifar_release import write_cifar10
+
+    from pipeline.data.prepare import prepare
+
+    write_cifar10(tmp_path, train=64, test=16)
+    prepare(tmp_path)
+    result = cli("bench", "data", "--root", str(tmp_path), "--seconds", "1", "--batch", "16", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("torchvision CIFAR10 DataLoader (PIL)") and lines[1].split()[-1] == "1.000"
+    assert lines[2].startswith("DALI memory pipeline (CPU)") and float(lines[2].split()[-1]) > 0
+    assert 0 <= float(lines[3].split("data wait ")[1].split(" %")[0]) < 100
+
+
 def test_follow_without_a_job_server_is_an_error_not_ignored(tmp_path: Path) -> None:
     result = cli("submit", "quickstart", "--follow", cwd=tmp_path)
     assert result.returncode == 2 and "--follow streams a job server's logs" in result.stderr
