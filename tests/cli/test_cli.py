@@ -103,7 +103,9 @@ def test_bench_data_on_cifar_runs_torchvisions_cifar10_beside_the_memory_pipelin
 
     write_cifar10(tmp_path, train=64, test=16)
     prepare(tmp_path)
-    result = cli("bench", "data", "--root", str(tmp_path), "--seconds", "1", "--batch", "16", "--workers", "1")
+    result = cli(
+        "bench", "data", "--root", str(tmp_path), "--seconds", "1", "--batch", "16", "--workers", "1"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].startswith("torchvision CIFAR10 DataLoader (PIL)") and lines[1].split()[-1] == "1.000"
