@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import JobError, from_dict, job_names, load_job, parse_override, to_dict
+from pipeline.config import JobError, from_dict, job_names, jobs_dir, load_job, parse_override, to_dict
 
 
 @pytest.mark.parametrize("name", job_names())
@@ -160,3 +160,57 @@ def test_an_elastic_job_keeps_its_global_batch_at_every_worker_count() -> None:
 def test_elastic_ranges_that_cannot_keep_the_global_batch_are_refused(overrides, message) -> None:
     with pytest.raises(JobError, match=message):
         load_job("imagenet-r50", overrides)
+
+
+PAPER_CIFAR = [f"cifar10-resnet{d}" for d in (20, 32, 44, 56, 110, 1202)] + [
+    f"cifar10-plain{d}" for d in (20, 32, 44, 56, 110)
+] + [f"cifar{c}-preact-resnet{d}" for c in (10, 100) for d in (164, 1001)]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PAPER_CIFAR)
+def test_the_paper_cifar_recipes_are_the_papers(name: str) -> None:
+    import timm
+
+    import pipeline.models  # noqa: F401  (registers the paper's nets)
+
+    job = load_job(name)
+    assert job.global_batch_size == 128 and job.peak_lr == pytest.approx(0.1)
+    assert (job.optim.momentum, job.optim.weight_decay, job.optim.label_smoothing) == (0.9, 1e-4, 0.0)
+    assert (job.iterations, job.optim.schedule, job.optim.step_iters) == (64000, "step", (32000, 48000))
+    assert not job.model.zero_init_last_bn and job.model.arch in timm.list_models()
+    assert (job.data.source, job.data.crop_px, job.data.pad_px, job.data.normalize) == (
+        "memory",
+        32,
+        4,
+        "pixel_mean",
+    )
+    deep = any(d in name for d in ("110", "1202", "164", "1001"))
+    assert (job.optim.warmup_iters, job.optim.warmup_shape) == ((400, "constant") if deep else (0, "linear"))
+    header = (jobs_dir() / f"{name}.toml").read_text().split("description =")[0]
+    assert "Aim:" in header and "Launch:" in header and "Result:" in header
+
+
+@pytest.mark.parametrize(
+    "name, arch",
+    [("imagenet-plain18", "plain18"), ("imagenet-plain34", "plain34"), ("imagenet-r18", "resnet18_a"),
+     ("imagenet-r34", "resnet34_a"), ("imagenet-r34-a", "resnet34_a"), ("imagenet-r34-b", "resnet34_b"),
+     ("imagenet-r34-c", "resnet34_c")],
+)  # fmt: skip
+def test_the_paper_imagenet_recipes_train_tables_2_and_3s_nets(name: str, arch: str) -> None:
+    job = load_job(name)
+    assert job.model.arch == arch and job.global_batch_size == 256 and job.peak_lr == pytest.approx(0.1)
+    assert (job.epochs, job.optim.step_epochs, job.optim.label_smoothing) == (120, (30, 60, 90), 0.0)
+    assert "Table" in (jobs_dir() / f"{name}.toml").read_text().split("description =")[0]
+
+
+def test_a_run_of_iterations_ends_inside_the_epoch_that_holds_them() -> None:
+    job = load_job("cifar10-resnet20")
+    assert job.epochs_for(390) == 165  # 64000 / 390 = 164.1: the 165th epoch is cut short
+    assert [job.steps_in(e, 390) for e in (0, 163, 164)] == [390, 390, 64000 - 164 * 390]
+    plain = load_job("quickstart")
+    assert (plain.epochs_for(7), plain.steps_in(11, 7)) == (12, 7)
+
+
+def test_a_holdout_needs_the_memory_source() -> None:
+    with pytest.raises(JobError, match="'data.holdout' .* needs data.source = 'memory'"):
+        load_job("quickstart", ["data.holdout=10"])

@@ -30,14 +30,15 @@ def jobs(ctx: click.Context) -> None:
     """List the named jobs (jobs/*.toml)."""
     if ctx.invoked_subcommand is not None:
         return
-    rows = [("JOB", "MODEL", "DATASET", "EPOCHS", "WORKERS")]
+    rows = [("JOB", "MODEL", "DATASET", "LENGTH", "WORKERS")]
     for name in job_names():
         job = load_job_or_fail(name, ())
         device = "GPU" if job.scaling.use_gpu else "CPU"
         counts = job.scaling.worker_counts
         workers = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else f"{counts[0]}"
         workers += f" x {device}"
-        rows.append((name, job.model.arch, job.dataset, str(job.epochs), workers))
+        length = f"{job.iterations // 1000}k it" if job.iterations else f"{job.epochs} ep"
+        rows.append((name, job.model.arch, job.dataset, length, workers))
     print_table(rows)
 
 

@@ -16,10 +16,11 @@ def test_jobs_lists_model_dataset_epochs_workers() -> None:
     result = cli("jobs")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["JOB", "MODEL", "DATASET", "EPOCHS", "WORKERS"]
+    assert lines[0].split() == ["JOB", "MODEL", "DATASET", "LENGTH", "WORKERS"]
     rows = {line.split()[0]: line for line in lines[1:-1]}
-    assert {"quickstart", "imagenet-r50", "imagenet-r101", "imagenet-r152"} <= set(rows)
-    assert "resnet152" in rows["imagenet-r152"] and " 90 " in rows["imagenet-r152"]
+    assert {"quickstart", "imagenet-r50", "imagenet-r101", "imagenet-r152", "cifar10-resnet110"} <= set(rows)
+    assert "resnet152" in rows["imagenet-r152"] and " 90 ep " in rows["imagenet-r152"]
+    assert "cifar_resnet110" in rows["cifar10-resnet110"] and " 64k it " in rows["cifar10-resnet110"]
     assert rows["quickstart"].split()[-3:] == ["2", "x", "CPU"]  # a fixed size: one number
     assert rows["imagenet-r152"].split()[-3:] == ["8", "x", "GPU"]
 

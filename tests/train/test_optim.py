@@ -38,6 +38,16 @@ def test_step_schedule_divides_by_ten_at_each_boundary() -> None:
     )
 
 
+def test_the_papers_cifar_schedule_in_iterations() -> None:
+    # ResNet-110: 0.01 for the first 400 iterations, then 0.1, divided by 10 at 32k and 48k
+    job = load_job("cifar10-resnet110")
+    at = [lr_at(step, job, steps_per_epoch=390) for step in (0, 399, 400, 31999, 32000, 47999, 48000, 63999)]
+    assert at == pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    # with iterations, cosine runs to the last iteration, whatever an epoch holds
+    cosine = load_job("cifar10-resnet20", ["optim.schedule='cosine'"])
+    assert lr_at(32000, cosine, 390) == pytest.approx(0.05) and lr_at(63999, cosine, 7) < 1e-6
+
+
 def test_no_weight_decay_on_batchnorm_and_biases() -> None:
     model = timm.create_model("resnet50", num_classes=10)
     decay, no_decay = param_groups(model, 1e-4)
