@@ -80,6 +80,10 @@ class Data:
     # source = "memory": train on all but this many training images, drawn once (seed 0), and
     # validate on them (the paper's 45k/5k split of CIFAR-10: 5000); 0: validate on the val split
     holdout: Whole = 0
+    # source = "memory": > 0 trains on (evaluates on) a fixed draw of this many of the training
+    # (validation) images: a study's quick scale
+    train_images: Whole = 0
+    val_images: Whole = 0
     # brightness, contrast, saturation (factors in [1 - x, 1 + x]), hue (up to +-h of a turn)
     color_jitter: tuple[NonNegative, NonNegative, NonNegative, Annotated[float, Range(0, 0.5)]] = (0.0,) * 4
     auto_augment: Literal["none", "trivial", "rand"] = "none"  # TrivialAugment Wide or RandAugment
@@ -105,8 +109,9 @@ class Data:
             )
         if self.ratio[0] > self.ratio[1]:
             raise JobError(f"'data.ratio' is {list(self.ratio)}: its first item must not be above the second")
-        if self.holdout and self.source != "memory":
-            raise JobError(f"'data.holdout' ({self.holdout}) needs data.source = 'memory'")
+        for key in ("holdout", "train_images", "val_images"):
+            if getattr(self, key) and self.source != "memory":
+                raise JobError(f"'data.{key}' ({getattr(self, key)}) needs data.source = 'memory'")
         if self.val_crop_px > self.val_resize_px:
             raise JobError(
                 f"'data.val_crop_px' ({self.val_crop_px}) is above 'data.val_resize_px' "

@@ -19,7 +19,7 @@ LAYERS = [
     {"train"},
     {"serve"},
     {"cluster"},
-    {"bench"},
+    {"bench", "study"},
     {"cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

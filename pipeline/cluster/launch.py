@@ -150,6 +150,8 @@ def submit(
     allow_changes: bool = False,
     say: Callable[[str], None] = print,
     step_hook: Callable[[int, int, int, Path], None] | None = None,
+    parent: tracking.Parent | None = None,
+    register: bool = True,
 ) -> Outcome:
     """Runs `job` as run `run_name` to the end, resuming from the run's latest checkpoint.
 
@@ -165,6 +167,8 @@ def submit(
         say: where the driver's own lines go (the MLflow run, a resume); benchmarks silence them.
         step_hook: called by every rank before each step as `hook(rank, world, step, run_dir)`,
             where tests inject faults; a picklable callable, None in every user path.
+        parent: the MLflow run this one is a child of (a study's), and its experiment.
+        register: put the best weights into the model registry (a study's runs do not).
 
     Raises:
         SettingsChanged: see `allow_changes`; nothing started.
@@ -202,8 +206,9 @@ def submit(
     if cluster_address(address) is not None:  # before the MLflow run: nothing half-made on a refusal
         connect(address, log_to_driver=False)
         check_storage_on_nodes(storage)
-    run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash)
-    say(f"MLflow run {run_id} (experiment '{job.name}', {tracking.tracking_uri()})")
+    run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash, parent)
+    experiment = parent.experiment if parent else job.name
+    say(f"MLflow run {run_id} (experiment '{experiment}', {tracking.tracking_uri()})")
     if latest is not None:
         meta = checkpoint.read_meta(latest)
         if changes:
@@ -267,7 +272,7 @@ def submit(
         metrics = dict(result.metrics or {})
     except Exception as e:  # Ray Train V2 raises on a failed run
         error, metrics = f"{type(e).__name__}: {e}", {}
-    registered = _register(job, run_id, run_dir, index, say) if error is None else None
+    registered = _register(job, run_id, run_dir, index, say) if error is None and register else None
     tracking.close_run(run_id, succeeded=error is None)
     return Outcome(error is None, metrics, run_id, run_dir, error, registered)
 
@@ -328,6 +333,8 @@ def planned_epochs(job: Job, index: Index) -> int:
     if not job.iterations:
         return job.epochs
     images = len(index.splits["train"]) - job.data.holdout
+    if job.data.train_images:
+        images = min(images, job.data.train_images)
     steps = images // job.global_batch_size
     if job.run.max_steps_per_epoch:
         steps = min(steps, job.run.max_steps_per_epoch)

@@ -50,16 +50,22 @@ def load_pixels(root: Location, split: str) -> np.ndarray:
 
 
 def split_rows(data: Data, split: str, train_count: int, val_count: int) -> tuple[str, np.ndarray]:
-    """Which split's array, and which of its rows, make `split` under `data.holdout`: with a
-    holdout, a fixed draw of that many training images is the validation set (the paper's
-    45k/5k split of CIFAR-10's training set) and the rest is trained on."""
-    if not data.holdout:
-        return split, np.arange(train_count if split == "train" else val_count)
-    if data.holdout >= train_count:
-        raise DatasetError(f"data.holdout ({data.holdout}) leaves none of the {train_count} training images")
-    drawn = np.random.default_rng(HOLDOUT_SEED).permutation(train_count)
-    rows = drawn[data.holdout :] if split == "train" else drawn[: data.holdout]
-    return "train", np.sort(rows)
+    """Which split's array, and which of its rows, make `split`: with `data.holdout`, a fixed
+    draw of that many training images is the validation set (the paper's 45k/5k split of
+    CIFAR-10's training set) and the rest is trained on; `data.train_images` and
+    `data.val_images` then keep a fixed draw of that many of each."""
+    source, rows = split, np.arange(train_count if split == "train" else val_count)
+    if data.holdout:
+        if data.holdout >= train_count:
+            raise DatasetError(
+                f"data.holdout ({data.holdout}) leaves none of the {train_count} training images"
+            )
+        drawn = np.random.default_rng(HOLDOUT_SEED).permutation(train_count)
+        source, rows = "train", np.sort(drawn[data.holdout :] if split == "train" else drawn[: data.holdout])
+    keep = data.train_images if split == "train" else data.val_images
+    if keep and keep < len(rows):
+        rows = np.sort(rows[np.random.default_rng(HOLDOUT_SEED + 1).permutation(len(rows))[:keep]])
+    return source, rows
 
 
 class Order:

@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import logging_utils
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.config import Job, flatten, jobs_dir, to_dict
 from pipeline.storage import Location
@@ -98,14 +100,25 @@ class TrackingError(RuntimeError):
     """The tracking store refused or could not be reached when a run was opened."""
 
 
-def open_run(job: Job, run_name: str, run_dir: Location | Path, dataset_hash: str) -> str:
-    """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it.
+@dataclass(frozen=True)
+class Parent:
+    """The MLflow run a run belongs under (a study's), and its experiment."""
+
+    experiment: str
+    run_id: str
+
+
+def open_run(
+    job: Job, run_name: str, run_dir: Location | Path, dataset_hash: str, parent: Parent | None = None
+) -> str:
+    """Creates the MLflow run of `run_name` with the resolved job as params, or reopens it; with
+    `parent`, a child of that run in its experiment (MLflow's nested runs).
 
     Raises:
         TrackingError: MLflow refused (credentials) or could not be reached; nothing started.
     """
     try:
-        return _open_run(job, run_name, Location(run_dir), dataset_hash)
+        return _open_run(job, run_name, Location(run_dir), dataset_hash, parent)
     except MlflowException as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrackingError(
@@ -115,7 +128,7 @@ def open_run(job: Job, run_name: str, run_dir: Location | Path, dataset_hash: st
         ) from e
 
 
-def _open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str) -> str:
+def _open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str, parent: Parent | None) -> str:
     client = MlflowClient(tracking_uri())
     id_file = run_dir / RUN_ID_FILE
     if id_file.is_file():
@@ -123,7 +136,11 @@ def _open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str) -> 
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run_id
     tags = {"job": job.name, "dataset_hash": dataset_hash}
-    run = client.create_run(_experiment_id(client, job.name), run_name=run_name, tags=tags)
+    experiment = job.name
+    if parent is not None:
+        tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+        experiment = parent.experiment
+    run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=tags)
     params = {key: str(value) for key, value in flatten(to_dict(job)).items()}
     params |= {"global_batch_size": str(job.global_batch_size), "peak_lr": str(job.peak_lr)}
     params |= {"dataset_hash": dataset_hash}

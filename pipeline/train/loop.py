@@ -176,6 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
         if state.target_reached_s is not None:
             metrics["time_to_target_s"] = state.target_reached_s
         state.epoch, state.epoch_step = epoch + 1, 0
+        metrics["iterations"] = state.step  # where this epoch's scores stand on an iteration axis
         if rank == 0:
             shown = (
                 "train/loss",

@@ -1,0 +1,142 @@
+"""Which runs each study makes, at each scale.
+
+`--scale paper` runs the paper's recipes as the jobs hold them (64k iterations on CIFAR-10, one
+GPU each). `--scale quick` is sized by measurement to finish on 2 CPU cores: on this project's
+machine a training step of 128 images takes 0.46 s for ResNet-20, 1.45 s for plain-56 and 1.63 s
+for ResNet-56 (bare PyTorch, channels_last), so 1,000 iterations of the four nets of the
+degradation study take about 66 minutes of steps. It trains on a fixed draw of 4,000 of the
+50,000 training images and tests on 1,000 of the 10,000 test images, for the first 1,000
+iterations of the paper's schedule (learning rate 0.1 throughout), at depths 20 and 56.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scale = Literal["quick", "paper"]
+Dataset = Literal["cifar10", "imagenet"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run of a study."""
+
+    label: str  # "plain-20", "ResNet-56", "option B"
+    job: str  # the job it runs
+    family: str  # what the figure groups by: "plain", "residual", "A", "B", "C"
+    depth: int
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    study: str
+    scale: Scale
+    dataset: Dataset
+    members: tuple[Member, ...]
+    settings: tuple[str, ...]  # what the scale changes in every member's job
+    meaning: str  # what the scale means, said in the output and logged with the study
+
+
+QUICK_CIFAR = (
+    "data.train_images=4000",
+    "data.val_images=1000",
+    "iterations=1000",
+    "optim.warmup_iters=0",
+    "optim.warmup_shape='linear'",
+    "run.log_every_steps=10",
+    "scaling.use_gpu=false",
+    "scaling.cpus_per_worker=2",
+    "data.threads_per_worker=2",
+)
+QUICK_MEANING = (
+    "quick scale: a fixed draw of 4,000 CIFAR-10 training images and 1,000 test images, the first "
+    "1,000 iterations of the paper's schedule (batch 128, learning rate 0.1 throughout), on the CPU; "
+    "depths {depths} of the paper's {paper_depths}"
+)
+PAPER_MEANING = (
+    "paper scale: the paper's recipes as the jobs hold them (64k iterations, full data, one GPU each)"
+)
+# Table 6's test errors, %, for docs and the depth table beside ours
+TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+# Table 3's top-1 errors (10-crop), % , ResNet-34 on ImageNet
+TABLE3 = {"A": 25.03, "B": 24.52, "C": 24.19}
+
+
+def _cifar(kind: str, depth: int) -> Member:
+    label = f"plain-{depth}" if kind == "plain" else f"ResNet-{depth}"
+    job = f"cifar10-plain{depth}" if kind == "plain" else f"cifar10-resnet{depth}"
+    return Member(label, job, "plain" if kind == "plain" else "residual", depth)
+
+
+def _scaled(
+    study: str, scale: Scale, members: list[Member], paper: list[Member], dataset: Dataset = "cifar10"
+):
+    if scale == "paper":
+        return Plan(study, scale, dataset, tuple(paper), (), PAPER_MEANING)
+    depths = sorted({m.depth for m in members})
+    paper_depths = sorted({m.depth for m in paper})
+    meaning = QUICK_MEANING.format(depths=_and(depths), paper_depths=_and(paper_depths))
+    return Plan(study, scale, dataset, tuple(members), QUICK_CIFAR, meaning)
+
+
+def _and(items: list) -> str:
+    return ", ".join(map(str, items[:-1])) + f" and {items[-1]}" if len(items) > 1 else str(items[0])
+
+
+def degradation(scale: Scale, dataset: Dataset) -> Plan:
+    """Figure 6 (left, middle): plain-20/32/44/56 beside ResNet-20/32/44/56/110; on ImageNet,
+    Figure 4: plain-18/34 beside ResNet-18/34."""
+    if dataset == "imagenet":
+        if scale == "quick":
+            raise ValueError("the ImageNet degradation study (Figure 4) runs at --scale paper, on GPUs")
+        members = [Member(f"plain-{d}", f"imagenet-plain{d}", "plain", d) for d in (18, 34)] + [
+            Member(f"ResNet-{d}", f"imagenet-r{d}", "residual", d) for d in (18, 34)
+        ]
+        return Plan("degradation", scale, dataset, tuple(members), (), PAPER_MEANING)
+    paper = [_cifar("plain", d) for d in (20, 32, 44, 56)] + [
+        _cifar("residual", d) for d in (20, 32, 44, 56, 110)
+    ]
+    quick = [_cifar(kind, d) for kind in ("plain", "residual") for d in (20, 56)]
+    return _scaled("degradation", scale, quick, paper)
+
+
+def depth(scale: Scale, dataset: Dataset) -> Plan:
+    """Table 6: ResNet-20 to 110 (and 1202 at the paper's scale), error and parameters."""
+    paper = [_cifar("residual", d) for d in (20, 32, 44, 56, 110, 1202)]
+    quick = [_cifar("residual", d) for d in (20, 32, 44, 56)]
+    return _scaled("depth", scale, quick, paper)
+
+
+def shortcuts(scale: Scale, dataset: Dataset) -> Plan:
+    """Table 3's options A, B and C: ResNet-34 on ImageNet at the paper's scale; on CIFAR at the
+    quick scale, with ResNet-20's basic blocks."""
+    if scale == "paper":
+        members = [Member(f"option {o}", f"imagenet-r34-{o.lower()}", o, 34) for o in "ABC"]
+        return Plan("shortcuts", scale, "imagenet", tuple(members), (), PAPER_MEANING)
+    members = [
+        Member(
+            f"option {o}",
+            "cifar10-resnet20",
+            o,
+            20,
+            (f"model.arch='cifar_resnet20{'' if o == 'A' else '_' + o.lower()}'",),
+        )
+        for o in "ABC"
+    ]
+    return _scaled("shortcuts", scale, members, members)
+
+
+STUDIES = {"degradation": degradation, "depth": depth, "shortcuts": shortcuts}
+
+
+def plan(study: str, scale: Scale, dataset: Dataset = "cifar10") -> Plan:
+    """The runs of `study` at `scale`.
+
+    Raises:
+        ValueError: an unknown study, or a combination it does not run.
+    """
+    if study not in STUDIES:
+        raise ValueError(f"unknown study '{study}' (known: {', '.join(STUDIES)})")
+    return STUDIES[study](scale, dataset)
