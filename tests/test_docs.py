@@ -1,6 +1,6 @@
-"""Every command of the docs runs as written: each `resnet-pipe submit | jobs show | data preview`
-line of README.md and docs/ (continuation lines joined) parses with the command's own options,
-and its job loads through the job loader with its --set values."""
+"""Every command of the docs runs as written: each `resnet-pipe submit | jobs show | data preview
+| study` line of README.md and docs/ (continuation lines joined) parses with the command's own
+options, and its job (a study's every job) loads through the job loader with its --set values."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli.main import data_preview, jobs_show, submit
+from pipeline.cli.study import study
 from pipeline.config import load_job
+from pipeline.study.plans import plan
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = {"submit": submit, "jobs show": jobs_show, "data preview": data_preview}
-LINE = re.compile(r"resnet-pipe (submit|jobs show|data preview) ([a-z0-9][a-z0-9-]*)\b")
+COMMANDS = {"submit": submit, "jobs show": jobs_show, "data preview": data_preview, "study": study}
+LINE = re.compile(r"resnet-pipe (submit|jobs show|data preview|study) ([a-z0-9][a-z0-9-]*)\b")
 
 
 def doc_commands() -> list[tuple[str, str]]:
@@ -47,5 +49,10 @@ def test_every_job_command_in_the_docs_loads(where: str, line: str) -> None:
     name = next(n for n in COMMANDS if words[: len(n.split())] == n.split())
     args = [w for w in words[len(name.split()) :] if not w.startswith("[")]
     context = COMMANDS[name].make_context(name, args)  # the command's own parser: unknown flags fail
+    if name == "study":
+        chosen = plan(context.params["name"], context.params["scale"], context.params["dataset"])
+        for member in chosen.members:
+            load_job(member.job, [*chosen.settings, *context.params["overrides"], *member.overrides])
+        return
     load_job(context.params["job_name"] if "job_name" in context.params else context.params["name"],
              context.params["overrides"])  # fmt: skip
