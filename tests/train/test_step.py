@@ -58,6 +58,9 @@ def _learns(device: torch.device, precision: str) -> tuple[float, float]:
     step = Stepper(model, build_optimizer(model, job), job, device, num_classes=4)
     images, labels = torch.randn(8, 3, 32, 32, device=device), torch.arange(8, device=device) % 4
     losses = [step([(images, labels)], lr=0.05).item() for _ in range(8)]
+    # the training error it counted: 8 steps of 8 images, then nothing until the next steps
+    missed, seen = step.take_misses().tolist()
+    assert seen == 64 and 0 <= missed <= 64 and step.take_misses().tolist() == [0, 0]
     return losses[0], losses[-1]
 
 
