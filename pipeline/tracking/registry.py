@@ -218,12 +218,26 @@ def serving_version(target: str | None) -> tuple[ModelVersion, str | None]:
         alias = CHAMPION
     if alias:
         try:
-            return client.get_model_version_by_alias(name, alias), alias
+            version = client.get_model_version_by_alias(name, alias)
         except MlflowException:
             raise RegistryError(
                 f"model '{name}' has no alias '{alias}' (resnet-pipe promote sets {CHAMPION})"
             ) from None
-    return resolve(client, target), None
+    else:
+        version = resolve(client, target)
+    _check_servable(client, version)
+    return version, alias or None
+
+
+def _check_servable(client: MlflowClient, version: ModelVersion) -> None:
+    """The serving pipeline normalises per channel; a model trained on images less their mean
+    image (`data.normalize = "pixel_mean"`, the paper's CIFAR recipe) would get other inputs."""
+    if client.get_run(version.run_id).data.params.get("data.normalize") == "pixel_mean":
+        raise RegistryError(
+            f"{version.name}/{version.version} was trained with data.normalize = 'pixel_mean' (the "
+            "training set's mean image subtracted), which the serving pipeline does not apply yet: "
+            "serve a model trained with data.normalize = 'channel'"
+        )
 
 
 def _is_model(client: MlflowClient, name: str) -> bool:

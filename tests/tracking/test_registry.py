@@ -26,7 +26,7 @@ from pipeline.cluster.launch import submit
 from pipeline.data.index import load_index
 from pipeline.serve.client import wait_until_up
 from pipeline.system import free_port
-from pipeline.tracking import registry
+from pipeline.tracking import registry, tracking_uri
 
 pytestmark = pytest.mark.ray
 EPOCHS = 3
@@ -216,3 +216,18 @@ def test_a_tracking_outage_mid_run_costs_neither_the_run_nor_a_metric(
     steps = sorted(m.step for m in client.get_metric_history(done.mlflow_run_id, "train/step_loss"))
     assert steps == list(range(1, 3 * epochs + 1))
     assert not (done.run_dir / "unsent_metrics.jsonl").exists()
+
+
+def test_a_model_trained_on_mean_subtracted_images_is_not_served(workdir: Path) -> None:
+    # the paper's CIFAR recipes subtract the mean image; the serving pipeline normalises per channel
+    client = MlflowClient(tracking_uri())
+    run = client.create_run(client.create_experiment("cifar10-resnet20"))
+    client.log_param(run.info.run_id, "data.normalize", "pixel_mean")
+    client.create_registered_model("cifar_resnet20")
+    client.create_model_version(
+        "cifar_resnet20", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    with pytest.raises(
+        registry.RegistryError, match="pixel_mean.*serve a model trained with data.normalize = 'channel'"
+    ):
+        registry.serving_version("cifar_resnet20/1")
