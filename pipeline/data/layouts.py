@@ -4,7 +4,7 @@ class) lists.
 Four layouts, found by what ROOT holds:
 
 - CIFAR-10 or CIFAR-100's python release (`pipeline.data.cifar`): the archive or its folder; the
-  images come as arrays, so their "paths" name a batch and a row (`data_batch_1/42`);
+  images come as arrays, so their "paths" name a split and a row of it (`train/00042`);
 - folders: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (torchvision's ImageFolder layout), or
   `ROOT/test/<class>/*` in place of val/ (CIFAR as image files);
 - Kaggle's ILSVRC: `ROOT/ILSVRC/Data/CLS-LOC/train/<wnid>/*`, a flat `.../CLS-LOC/val/`, with
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.cifar import CifarError, find_release
+from pipeline.data.cifar import CifarError, Release, find_release
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 SPLITS = ("train", "val")
@@ -100,7 +100,7 @@ def read_layout(root: Path) -> Layout:
     return _devkit(root)
 
 
-def _cifar(release) -> Layout:
+def _cifar(release: Release) -> Layout:
     try:
         classes, splits = release.read()
     except CifarError as e:
