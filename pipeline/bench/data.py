@@ -221,7 +221,7 @@ def bench_data_memory(root: Path, seconds: float = 20.0, workers: int | None = N
     # arrays; its constructor would insist on the official archive's checksums
     dataset = CIFAR10.__new__(CIFAR10)
     dataset.data, dataset.targets, dataset.target_transform = (
-        load_pixels(index.root, "train"),
+        load_pixels(index.root, "train", index.dataset_hash),
         index.labels("train"),
         None,
     )

@@ -327,11 +327,11 @@ def _memory_loader(
 ) -> Loader:
     """`build_loader` for `data.source = "memory"` (`pipeline.data.memory`)."""
     source, rows = split_rows(job.data, split, len(index.splits["train"]), len(index.splits["val"]))
-    pixels = load_pixels(index.root, source)
+    pixels = load_pixels(index.root, source, index.dataset_hash)
     mean_image = np.zeros(pixels.shape[1:], np.float32)
     if job.data.normalize == "pixel_mean":  # of the images trained on, as the paper
         _, train_rows = split_rows(job.data, "train", len(index.splits["train"]), len(index.splits["val"]))
-        train_pixels = pixels if source == "train" else load_pixels(index.root, "train")
+        train_pixels = pixels if source == "train" else load_pixels(index.root, "train", index.dataset_hash)
         mean_image = train_pixels[train_rows].mean(axis=0, dtype=np.float64).astype(np.float32)
     train = split == "train"
     order = Order(pixels, rows, job.scaling.batch_size_per_worker, shard_id, num_shards, seed, train)

@@ -12,12 +12,13 @@ with per-channel normalisation (`"channel"`; padding adds black, as torchvision'
 seed (the same on every shard), each shard a contiguous share of it. DALI asks it for batch k of
 epoch e (`BatchInfo`), so a DALI checkpoint restores the exact position, as for the readers.
 
-    pixels = load_pixels(index.root, "train")
+    pixels = load_pixels(index.root, "train", index.dataset_hash)
     order = Order(rows, batch_size=128, shard_id=rank, num_shards=world, seed=0, train=True)
 """
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -31,8 +32,11 @@ PIXELS = "pixels-{split}.npy"  # written by `pipeline.data.prepare`
 HOLDOUT_SEED = 0  # which training images `data.holdout` sets aside: the same in every run
 
 
-def load_pixels(root: Location, split: str) -> np.ndarray:
-    """The split's images, N x H x W x 3 uint8, in the order of its index.
+@functools.cache
+def load_pixels(root: Location, split: str, dataset_hash: str) -> np.ndarray:
+    """The split's images, N x H x W x 3 uint8, in the order of its index; read once per process
+    and dataset (a worker's training and validation loaders share them, read-only; a dataset
+    prepared again has another hash, so it is read again).
 
     Raises:
         DatasetError: the dataset has no pixel arrays.
@@ -40,8 +44,11 @@ def load_pixels(root: Location, split: str) -> np.ndarray:
     location = root / INDEX / PIXELS.format(split=split)
     try:
         if location.remote:
-            return np.load(io.BytesIO(location.read_bytes()))
-        return np.load(location.local_path())
+            pixels = np.load(io.BytesIO(location.read_bytes()))
+        else:
+            pixels = np.load(location.local_path())
+        pixels.flags.writeable = False  # shared by the process's loaders
+        return pixels
     except (StorageError, FileNotFoundError):
         raise DatasetError(
             f"{root} has no {PIXELS.format(split=split)}: `data prepare` writes it for CIFAR and other "
@@ -88,6 +95,7 @@ class Order:
         train: bool,
     ):
         self.pixels, self.rows, self.batch_size, self.seed, self.train = pixels, rows, batch_size, seed, train
+        self._drawn: tuple[int, np.ndarray] | None = None  # (epoch, its rows): drawn once an epoch
         if train:
             self.share = len(rows) // num_shards
             self.start = shard_id * self.share
@@ -99,10 +107,12 @@ class Order:
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """This shard's rows in epoch `epoch`, in order."""
-        rows = self.rows
-        if self.train:
-            rows = rows[np.random.default_rng([self.seed, epoch]).permutation(len(rows))]
-        return rows[self.start : self.start + self.share]
+        if self._drawn is None or self._drawn[0] != epoch:
+            rows = self.rows
+            if self.train:
+                rows = rows[np.random.default_rng([self.seed, epoch]).permutation(len(rows))]
+            self._drawn = epoch, rows[self.start : self.start + self.share]
+        return self._drawn[1]
 
     def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if info.iteration >= self.batches:

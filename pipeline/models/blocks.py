@@ -58,6 +58,11 @@ def shortcut(in_channels: int, out_channels: int, stride: int, option: Shortcut)
     return None
 
 
+def bottleneck_strides(stride: int, stride_on: StrideOn) -> tuple[int, int]:
+    """The strides of a bottleneck's first 1x1 and its 3x3 (see `Bottleneck`)."""
+    return (stride, 1) if stride_on == "1x1" else (1, stride)
+
+
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
@@ -131,7 +136,7 @@ class Bottleneck(Block):
     ):
         out_channels = width * self.expansion
         super().__init__(in_channels, out_channels, stride, option, residual)
-        first, middle = (stride, 1) if stride_on == "1x1" else (1, stride)
+        first, middle = bottleneck_strides(stride, stride_on)
         self.conv1 = conv1x1(in_channels, width, first)
         self.bn1 = nn.BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)
@@ -195,7 +200,7 @@ class PreActBottleneck(Block):
     ):
         out_channels = width * self.expansion
         super().__init__(in_channels, out_channels, stride, option, residual)
-        first, middle = (stride, 1) if stride_on == "1x1" else (1, stride)
+        first, middle = bottleneck_strides(stride, stride_on)
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.act1 = nn.ReLU(inplace=True)
         self.conv1 = conv1x1(in_channels, width, first)

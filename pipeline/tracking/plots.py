@@ -15,10 +15,11 @@ from matplotlib.figure import Figure  # a figure without pyplot: no display, no 
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import tracking_uri
+from pipeline.tracking.studies import series
 
 
 def _series(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
-    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    points = series(run_id, key, client)
     return [s for s, _ in points], [v for _, v in points]
 
 

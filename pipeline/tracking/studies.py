@@ -27,9 +27,9 @@ def open_study(experiment: str, run_name: str, params: dict[str, str], descripti
     return run.info.run_id
 
 
-def series(run_id: str, key: str) -> list[tuple[int, float]]:
-    """Every value of metric `key` of the run, by step."""
-    history = MlflowClient(tracking_uri()).get_metric_history(run_id, key)
+def series(run_id: str, key: str, client: MlflowClient | None = None) -> list[tuple[int, float]]:
+    """Every value of metric `key` of the run, by step (a study's curves, a run's plots)."""
+    history = (client or MlflowClient(tracking_uri())).get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in history)
 
 
