@@ -21,11 +21,23 @@ from pipeline.study.plans import STUDIES
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="A setting for every run.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("studies"), show_default=True,
               help="Where the figure (PNG) and the table (Markdown) are written.")  # fmt: skip
+@click.option("--runs-of", default=None, metavar="RUN_ID",
+              help="Train nothing: take the finished runs of this earlier study's MLflow parent run "
+                   "(responses: the degradation study's nets).")  # fmt: skip
 def study(
-    name: str, scale: str, dataset: str, root: str | None, address: str | None, overrides: tuple, out: Path
+    name: str,
+    scale: str,
+    dataset: str,
+    root: str | None,
+    address: str | None,
+    overrides: tuple,
+    out: Path,
+    runs_of: str | None,
 ) -> None:
-    """Run study NAME: degradation (Figure 6; Figure 4 with --dataset imagenet), depth (Table 6)
-    or shortcuts (Table 3); the runs are children of one MLflow run, which holds the figure."""
+    """Run study NAME: degradation (Figure 6; Figure 4 with --dataset imagenet), depth (Table 6),
+    shortcuts (Table 3) or responses (Figure 7, and the gradient at each block); the runs are
+    children of one MLflow run, which holds the figure. As many runs train at once as the
+    cluster has room for."""
     from pipeline.cluster.address import cluster_address, is_job_server
     from pipeline.config import JobError, load_job
     from pipeline.study.plans import plan
@@ -42,9 +54,12 @@ def study(
             "a study runs its runs from this machine: give --address ray://HEAD:10001 (or a cluster address)"
         )
     check_prepared(root)
-    from pipeline.study.run import run_study
+    from pipeline.study.run import StudyError, run_study
 
-    result = run_study(chosen, root, out, address, overrides)
+    try:
+        result = run_study(chosen, root, out, address, overrides, runs_of=runs_of)
+    except StudyError as e:  # --runs-of a study without these runs
+        fail(str(e))
     click.echo(result.table, nl=False)
     for line in result.findings:
         click.echo(f"- {line}")

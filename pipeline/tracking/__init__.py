@@ -106,6 +106,7 @@ class Parent:
 
     experiment: str
     run_id: str
+    member: str = ""  # the child's part in the study ("ResNet-56"), tagged `study.member`
 
 
 def open_run(
@@ -135,10 +136,10 @@ def _open_run(job: Job, run_name: str, run_dir: Location, dataset_hash: str, par
         run_id = id_file.read_text().strip()
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         return run_id
-    tags = {"job": job.name, "dataset_hash": dataset_hash}
+    tags = {"job": job.name, "dataset_hash": dataset_hash, "run_dir": run_dir.uri}
     experiment = job.name
     if parent is not None:
-        tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+        tags |= {MLFLOW_PARENT_RUN_ID: parent.run_id, "study.member": parent.member}
         experiment = parent.experiment
     run = client.create_run(_experiment_id(client, experiment), run_name=run_name, tags=tags)
     params = {key: str(value) for key, value in flatten(to_dict(job)).items()}

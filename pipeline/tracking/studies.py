@@ -33,6 +33,21 @@ def series(run_id: str, key: str, client: MlflowClient | None = None) -> list[tu
     return sorted((m.step, m.value) for m in history)
 
 
+def children(parent_run_id: str) -> dict[str, tuple[str, str, str]]:
+    """The finished child runs of a study's parent run, by the member each ran: (run id, run
+    folder, status)."""
+    client = MlflowClient(tracking_uri())
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000
+    )
+    return {
+        run.data.tags["study.member"]: (run.info.run_id, run.data.tags["run_dir"], run.info.status)
+        for run in found
+        if "study.member" in run.data.tags and "run_dir" in run.data.tags
+    }
+
+
 def params(run_id: str) -> dict[str, str]:
     return MlflowClient(tracking_uri()).get_run(run_id).data.params
 

@@ -3,6 +3,8 @@ from their metrics; its quick scale says what it runs."""
 
 from __future__ import annotations
 
+import io
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from pipeline.data.prepare import prepare
 from pipeline.data.synth import CLASSES
 from pipeline.study.figures import Curves, draw, findings, table
 from pipeline.study.plans import plan
-from pipeline.study.run import run_study
+from pipeline.study.run import Prefixed, StudyError, room, run_study
 from pipeline.tracking import tracking_uri
 
 
@@ -42,6 +44,25 @@ def test_the_quick_degradation_study_runs_what_it_says() -> None:
         "imagenet-r34-b",
         "imagenet-r34-c",
     ]
+
+
+def test_a_study_runs_as_many_runs_at_once_as_the_cluster_holds() -> None:
+    settings = list(plan("degradation", "quick").settings)
+    quick = [load_job(m.job, settings) for m in plan("degradation", "quick").members]
+    assert room(quick, {"CPU": 2.0}) == 2  # one core each: two at once on this machine
+    assert room(quick, {"CPU": 8.0}) == 4 and room(quick, {"CPU": 0.5}) == 1
+    paper = [load_job(m.job) for m in plan("degradation", "paper").members]  # one GPU each
+    assert room(paper, {"CPU": 64.0}) == 1 and room(paper, {"CPU": 64.0, "GPU": 8.0}) == 8
+    wide = replace(quick[0], scaling=replace(quick[0].scaling, cpus_per_worker=2))
+    assert room([wide, *quick], {"CPU": 2.0}) == 1  # in order: the first takes both cores
+
+    lines = io.StringIO()
+    stream = Prefixed(lines, "ResNet-56: ", threading.Lock())
+    print("epoch 0 step 10/31", file=stream)
+    stream.write("epoch 0: val/top1")
+    assert lines.getvalue() == "ResNet-56: epoch 0 step 10/31\n"  # a partial line waits for its end
+    stream.write(" 0.3\nnext")
+    assert lines.getvalue().splitlines()[1] == "ResNet-56: epoch 0: val/top1 0.3" and not stream.isatty()
 
 
 def _curves(label: str, family: str, depth: int, train_end: float, test_end: float) -> Curves:
@@ -103,6 +124,8 @@ def test_a_study_groups_its_runs_under_one_parent_and_logs_its_figure(ray_sessio
     )
     assert sorted(c.data.params["model.arch"] for c in children) == ["cifar_plain20", "cifar_resnet20"]
     assert all(c.info.status == "FINISHED" for c in children)
+    first, second = sorted(children, key=lambda c: c.info.start_time)
+    assert second.info.start_time < first.info.end_time  # one core each, on 2: both at once
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "study")} == {
         "study/degradation-quick.png", "study/degradation-quick.md",
     }  # fmt: skip
@@ -110,3 +133,20 @@ def test_a_study_groups_its_runs_under_one_parent_and_logs_its_figure(ray_sessio
         parent.data.metrics
     )
     assert client.search_registered_models() == []  # a study's runs leave the registry alone
+
+    # the responses study measures those two nets from their runs' checkpoints, training nothing
+    with pytest.raises(StudyError, match="has no finished run of plain-56, ResNet-56"):
+        run_study(plan("responses", "quick"), str(root), workdir / "studies", runs_of=result.parent_run_id)
+    responses = replace(plan("responses", "quick"), members=two.members)
+    measured = run_study(
+        responses, str(root), workdir / "studies", runs_of=result.parent_run_id, say=lambda line: None
+    )
+    assert measured.failed == [] and measured.findings[0].startswith(
+        "at depth 20 the residual net's responses"
+    )
+    assert "| ResNet-20 | 19 |" in measured.table and "| plain-20 | 19 |" in measured.table
+    responses_parent = client.get_run(measured.parent_run_id)
+    assert responses_parent.data.params["runs_of"] == result.parent_run_id
+    assert {"plain-20/mean_response_std", "ResNet-20/mean_response_std"} <= set(responses_parent.data.metrics)
+    assert (workdir / "studies" / "responses-quick.png").is_file()
+    assert len(client.search_runs([responses_parent.info.experiment_id])) == 1  # its parent only
