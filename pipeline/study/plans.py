@@ -44,7 +44,7 @@ class Plan:
 QUICK_CIFAR = (
     "data.train_images=4000",
     "data.val_images=1000",
-    "iterations=1000",
+    "iterations=800",
     "optim.warmup_iters=0",
     "optim.warmup_shape='linear'",
     "run.log_every_steps=10",
@@ -54,7 +54,7 @@ QUICK_CIFAR = (
 )
 QUICK_MEANING = (
     "quick scale: a fixed draw of 4,000 CIFAR-10 training images and 1,000 test images, the first "
-    "1,000 iterations of the paper's schedule (batch 128, learning rate 0.1 throughout), on the CPU; "
+    "800 iterations of the paper's schedule (batch 128, learning rate 0.1 throughout), on the CPU; "
     "depths {depths} of the paper's {paper_depths}"
 )
 PAPER_MEANING = (

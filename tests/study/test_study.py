@@ -25,16 +25,14 @@ from pipeline.tracking import tracking_uri
 def test_the_quick_degradation_study_runs_what_it_says() -> None:
     quick = plan("degradation", "quick")
     assert [m.label for m in quick.members] == ["plain-20", "plain-56", "ResNet-20", "ResNet-56"]
-    assert {"iterations=1000", "data.train_images=4000", "data.val_images=1000"} <= set(quick.settings)
+    assert {"iterations=800", "data.train_images=4000", "data.val_images=1000"} <= set(quick.settings)
     assert (
-        "4,000" in quick.meaning
-        and "1,000 iterations" in quick.meaning
-        and "depths 20 and 56" in quick.meaning
+        "4,000" in quick.meaning and "800 iterations" in quick.meaning and "depths 20 and 56" in quick.meaning
     )
     for member in quick.members:
         job = load_job(member.job, list(quick.settings))
-        assert job.iterations == 1000 and job.global_batch_size == 128 and not job.scaling.use_gpu
-        assert job.optim.warmup_iters == 0  # the first 1,000 iterations of the schedule: 0.1 throughout
+        assert job.iterations == 800 and job.global_batch_size == 128 and not job.scaling.use_gpu
+        assert job.optim.warmup_iters == 0  # the first 800 iterations of the schedule: 0.1 throughout
     paper = plan("degradation", "paper")
     assert len(paper.members) == 9 and paper.settings == ()
     with pytest.raises(ValueError, match="runs at --scale paper"):
