@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 import ray
+from mlflow.exceptions import MlflowException
 
 from pipeline.cluster.launch import connect, submit
 from pipeline.config import Job, from_dict, load_job
@@ -25,7 +26,7 @@ from pipeline.storage import Location
 from pipeline.study.figures import draw, findings, read_curves, table
 from pipeline.study.plans import Plan
 from pipeline.study.responses import draw_responses, measure, responses_findings, responses_table
-from pipeline.tracking import Parent, close_run, studies
+from pipeline.tracking import Parent, close_run, studies, tracking_uri
 from pipeline.train import checkpoint
 
 
@@ -161,7 +162,10 @@ def _train(
 
 def _earlier_runs(plan: Plan, runs_of: str) -> dict[int, Ran]:
     """The finished runs of study run `runs_of` that ran this plan's members."""
-    children = studies.children(runs_of)
+    try:
+        children = studies.children(runs_of)
+    except MlflowException as e:
+        raise StudyError(f"no study run {runs_of} in {tracking_uri()}: {str(e).splitlines()[0]}") from e
     missing = [m.label for m in plan.members if children.get(m.label, ("", "", ""))[2] != "FINISHED"]
     if missing:
         raise StudyError(

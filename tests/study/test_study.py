@@ -63,6 +63,12 @@ def test_a_study_runs_as_many_runs_at_once_as_the_cluster_holds() -> None:
     assert lines.getvalue().splitlines()[1] == "ResNet-56: epoch 0: val/top1 0.3" and not stream.isatty()
 
 
+def test_the_runs_of_a_study_run_that_is_not_there_are_a_clear_error(workdir: Path) -> None:
+    with pytest.raises(StudyError, match="no study run 0123 in sqlite:///"):
+        run_study(plan("responses", "quick"), "data/cifar10", workdir / "studies", runs_of="0123")
+    assert not (workdir / "studies").exists()  # nothing drawn
+
+
 def _curves(label: str, family: str, depth: int, train_end: float, test_end: float) -> Curves:
     member = next(m for m in plan("degradation", "paper").members if m.label == label)
     train = [(step, 0.9 - (0.9 - train_end) * step / 100) for step in range(10, 101, 10)]
