@@ -116,7 +116,7 @@ def run_study(
     return StudyResult(parent, figure, text, lines, failed)
 
 
-Ran = tuple[bool, str, Location]  # finished, then its MLflow run id and folder; or False, the error, None
+Ran = tuple[bool, str, Location | None]  # finished, its MLflow run id, its folder; or False, the error, None
 
 
 def _train(
