@@ -124,13 +124,23 @@ def table(plan: Plan, curves: list[Curves]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def depths(by: dict[tuple[str, int], float], family: str) -> list[int]:
+    """The depths of `family` among the keys (family, depth) of `by`, in order."""
+    return sorted(d for f, d in by if f == family)
+
+
+def twins(by: dict[tuple[str, int], float]) -> list[int]:
+    """The depths at which `by` has both a plain and a residual net."""
+    return sorted(set(depths(by, "plain")) & set(depths(by, "residual")))
+
+
 def findings(plan: Plan, curves: list[Curves]) -> list[str]:
     """What the figure shows, in sentences: for the degradation study, whether the deeper plain
     net trains worse than the shallower one, and the residual net's lead at the deepest depth."""
     if plan.study != "degradation":
         return []
     by = {(c.member.family, c.member.depth): c.final_train for c in curves}
-    plain = sorted(d for f, d in by if f == "plain")
+    plain = depths(by, "plain")
     lines = []
     if len(plain) > 1:
         low, high = plain[0], plain[-1]
@@ -140,12 +150,12 @@ def findings(plan: Plan, curves: list[Curves]) -> list[str]:
             f"{100 * by['plain', low]:.1f} %: "
             + ("the degradation problem" if verdict == "above" else "no degradation seen")
         )
-    for depth in sorted({d for f, d in by if f == "plain"} & {d for f, d in by if f == "residual"}):
+    for depth in twins(by):
         gap = 100 * (by["plain", depth] - by["residual", depth])
         lines.append(
             f"at depth {depth} the residual net's training error is {gap:.1f} points below the plain net's"
         )
-    residual = sorted(d for f, d in by if f == "residual")
+    residual = depths(by, "residual")
     if len(residual) > 1:
         low, high = residual[0], residual[-1]
         relation = "below" if by["residual", high] < by["residual", low] else "above"

@@ -31,7 +31,7 @@ from pipeline.data.loader import build_loader
 from pipeline.models import create_model
 from pipeline.models.blocks import Block
 from pipeline.storage import Location
-from pipeline.study.figures import COLOURS
+from pipeline.study.figures import COLOURS, depths, twins
 from pipeline.study.plans import Member
 from pipeline.train import checkpoint
 
@@ -176,7 +176,7 @@ def responses_findings(measured: list[tuple[Member, Measured]]) -> list[str]:
     mean = {(member.family, member.depth): sum(m.responses) / len(m.responses) for member, m in measured}
     ratio = {(member.family, member.depth): _bottom_over_top(m.grad_init) for member, m in measured}
     lines = []
-    for depth in sorted({d for f, d in mean if f == "plain"} & {d for f, d in mean if f == "residual"}):
+    for depth in twins(mean):
         relation = "smaller" if mean["residual", depth] < mean["plain", depth] else "not smaller"
         lines.append(
             f"at depth {depth} the residual net's responses (mean std {mean['residual', depth]:.3f}) are "
@@ -187,7 +187,7 @@ def responses_findings(measured: list[tuple[Member, Measured]]) -> list[str]:
             f"{ratio['plain', depth]:.3g} times the one at its last; of ResNet-{depth}, "
             f"{ratio['residual', depth]:.3g} times"
         )
-    residual = sorted(d for f, d in mean if f == "residual")
+    residual = depths(mean, "residual")
     if len(residual) > 1:
         low, high = residual[0], residual[-1]
         relation = "smaller" if mean["residual", high] < mean["residual", low] else "not smaller"

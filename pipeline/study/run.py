@@ -84,14 +84,14 @@ def run_study(
         outcomes = earlier
     else:
         outcomes = _train(plan, jobs, Parent(experiment, parent), stamp, address, say)
-    done = [(m, outcomes[i]) for i, m in enumerate(plan.members) if outcomes[i][0]]
-    failed = [f"{m.label}: {outcomes[i][1]}" for i, m in enumerate(plan.members) if not outcomes[i][0]]
+    done = [(m, outcomes[i]) for i, m in enumerate(plan.members) if outcomes[i].error is None]
+    failed = [f"{m.label}: {outcomes[i].error}" for i, m in enumerate(plan.members) if outcomes[i].error]
     path = out / f"{plan.study}-{plan.scale}.png"
     if plan.study == "responses":
         index = load_index(root)
         measured = []
-        for member, (_, _, run_dir) in done:
-            latest = checkpoint.latest(run_dir)
+        for member, ran in done:
+            latest = checkpoint.latest(ran.run_dir)
             say(f"measuring {member.label}'s responses and gradients ({latest})")
             measured.append((member, measure(from_dict(checkpoint.read_job(latest)), index, latest)))
         figure = draw_responses(measured, path) if measured else out / "none.png"
@@ -99,7 +99,7 @@ def run_study(
         lines = responses_findings(measured)
         summary = {f"{m.label}/mean_response_std": sum(r.responses) / len(r.responses) for m, r in measured}
     else:
-        curves = [read_curves(member, run_id) for member, (_, run_id, _) in done]
+        curves = [read_curves(member, ran.run_id) for member, ran in done]
         figure = draw(plan, curves, path) if curves else out / "none.png"
         text = table(plan, curves) if curves else ""
         lines = findings(plan, curves)
@@ -116,7 +116,13 @@ def run_study(
     return StudyResult(parent, figure, text, lines, failed)
 
 
-Ran = tuple[bool, str, Location | None]  # finished, its MLflow run id, its folder; or False, the error, None
+@dataclass(frozen=True)
+class Ran:
+    """A member's run: its MLflow run and folder, or why it did not finish."""
+
+    run_id: str = ""
+    run_dir: Location | None = None
+    error: str | None = None
 
 
 def _train(
@@ -143,11 +149,7 @@ def _train(
             parent=replace(parent, member=member.label),
             register=False,
         )
-        return (
-            (True, outcome.mlflow_run_id, outcome.run_dir)
-            if outcome.finished
-            else (False, outcome.error, None)
-        )
+        return Ran(outcome.mlflow_run_id, outcome.run_dir) if outcome.finished else Ran(error=outcome.error)
 
     pool = ThreadPoolExecutor(slots, thread_name_prefix="study")
     try:
@@ -172,9 +174,7 @@ def _earlier_runs(plan: Plan, runs_of: str) -> dict[int, Ran]:
             f"study run {runs_of} has no finished run of {', '.join(missing)} (it has: "
             f"{', '.join(sorted(children)) or 'none'}); run the study without --runs-of to train them"
         )
-    return {
-        i: (True, children[m.label][0], Location(children[m.label][1])) for i, m in enumerate(plan.members)
-    }
+    return {i: Ran(children[m.label][0], Location(children[m.label][1])) for i, m in enumerate(plan.members)}
 
 
 def room(jobs: Sequence[Job], free: Mapping[str, float]) -> int:
