@@ -23,8 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# two test processes, a module at a time each, the slowest modules first (tests/conftest.py)
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf runs mlflow.db mlartifacts $(SAMPLE)

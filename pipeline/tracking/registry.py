@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -77,6 +78,17 @@ SIGNATURE = ModelSignature(
 )  # fmt: skip
 
 
+# What the registered model needs to load and answer (deploy/mlflow_model.py and the `pipeline`
+# package it carries), at the versions that trained it. Declared: MLflow's inference loads the
+# model in a subprocess to see what it imports (9 s a registration on 2 cores) and, the model's
+# code being a file of its own, found mlflow, numpy and pandas but neither torch nor timm.
+SERVING_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "pillow", "numpy", "pandas")
+
+
+def pip_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in SERVING_PACKAGES]
+
+
 def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> ModelVersion:
     """Registers a scored training checkpoint under the architecture's name.
 
@@ -119,6 +131,7 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
                 code_paths=[str(Path(__file__).resolve().parents[1])],  # the `pipeline` package
                 signature=SIGNATURE,
                 input_example=example,
+                pip_requirements=pip_requirements(),
             )
     tags = {
         "val/top1": f"{top1:.6f}", "dataset_hash": index.dataset_hash, "run_id": run_id, "checkpoint": source,

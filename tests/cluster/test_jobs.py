@@ -21,8 +21,13 @@ def test_a_relative_storage_path_is_refused_before_submitting(monkeypatch: pytes
     assert "submitted" not in result.stdout
 
 
-@pytest.mark.parametrize("tracking", ["", "sqlite:///mlflow.db", f"http://127.0.0.1:{free_port()}"])
-@pytest.mark.parametrize("address", [NOWHERE, f"ray://127.0.0.1:{free_port()}"])
+# named, not by their free ports: the test processes of `pytest -n 2` must collect the same tests
+@pytest.mark.parametrize(
+    "tracking",
+    ["", "sqlite:///mlflow.db", f"http://127.0.0.1:{free_port()}"],
+    ids=["unset", "sqlite", "down"],
+)
+@pytest.mark.parametrize("address", [NOWHERE, f"ray://127.0.0.1:{free_port()}"], ids=["job-server", "client"])
 def test_a_cluster_run_without_a_tracking_server_it_reaches_is_refused(
     tracking: str, address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import timm
+import torch
 from conftest import small_job
 from mlflow.tracking import MlflowClient
 
@@ -38,7 +40,8 @@ USER, PASSWORD = "admin", "a-test-password"
 class Server:
     """`mlflow server` on 127.0.0.1 with MLflow's basic authentication, a SQLite store and a
     remote artifact store (artifacts go through the server to a folder of its own), stoppable and
-    restartable on the same port and stores."""
+    restartable on the same port and stores. One worker process: four (MLflow's default) took a
+    minute to start again beside the other half of `pytest -n 2`, longer than the outage meant."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -58,7 +61,7 @@ class Server:
             [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
              "--backend-store-uri", f"sqlite:///{self.folder}/store.db",
              "--serve-artifacts", "--artifacts-destination", str(self.folder / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env=os.environ | {"MLFLOW_AUTH_CONFIG_PATH": str(self.folder / "auth.ini"),
                               "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret"},
@@ -187,6 +190,10 @@ def test_runs_are_recorded_registered_and_promoted_only_forward(
     assert list(answer.columns[:4]) == ["class_index", "wnid", "name", "probability"]
     assert len(answer) == 3 and answer["wnid"].isin(index.classes).all()
     assert answer["probability"].between(0, 1).all()
+    # with what it needs to load elsewhere, at the versions that trained it
+    needs = Path(mlflow.artifacts.download_artifacts("models:/resnet50@champion/requirements.txt"))
+    pinned = dict(line.split("==") for line in needs.read_text().split())
+    assert pinned["torch"] == torch.__version__.split("+")[0] and pinned["timm"] == timm.__version__
 
 
 def test_a_tracking_outage_mid_run_costs_neither_the_run_nor_a_metric(
