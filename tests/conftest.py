@@ -86,16 +86,26 @@ def prepared_dataset(odd_dataset: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (it takes about 10 s to start on 2 cores)."""
+def _ray_stops_at_the_end():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_stops_at_the_end):
+    """One local Ray for the session (it takes about 10 s to start on 2 cores), started again
+    only for a module that comes after one with a cluster of its own (tests/cluster/test_faults.py
+    shuts this one down to connect to its own)."""
     import ray
 
     from pipeline.cluster.launch import start_local_ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    start_local_ray({}, num_cpus=2, log_to_driver=True)  # as `pipeline.cluster.launch.connect`, on 2 CPUs
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        os.environ.pop("RAY_ADDRESS", None)
+        start_local_ray({}, num_cpus=2, log_to_driver=True)  # as `pipeline.cluster.launch.connect`, on 2 CPUs
+    return ray
 
 
 @pytest.fixture

@@ -147,13 +147,22 @@ def test_the_driver_draws_a_live_progress_bar(ray_session, prepared_dataset, wor
     assert "epoch 0: train/loss" in drawn  # rank 0's epoch line, printed above the bar
 
 
-def test_without_a_terminal_the_driver_prints_rank_0s_lines_and_nothing_of_rays(
-    ray_session, prepared_dataset, workdir
-) -> None:
+@pytest.fixture(scope="module")
+def one_epoch(ray_session, prepared_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A finished one-epoch run whose lines went to a file, not a terminal: (its working folder,
+    its outcome, the lines). Two tests read it, the first as it is, the second by resuming it."""
+    folder = tmp_path_factory.mktemp("one-epoch")
     log = io.StringIO()
-    done = submit(_small_job(prepared_dataset, "epochs=1"), "lines", progress_to=log)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        done = submit(_small_job(prepared_dataset, "epochs=1"), "lines", progress_to=log)
     assert done.finished, done.error
-    lines = log.getvalue().splitlines()
+    return folder, done, log.getvalue()
+
+
+def test_without_a_terminal_the_driver_prints_rank_0s_lines_and_nothing_of_rays(one_epoch) -> None:
+    lines = one_epoch[2].splitlines()
     assert [line.split(" (")[0] for line in lines[:3]] == [
         "epoch 0 step 1/3",
         "epoch 0 step 2/3",
@@ -180,16 +189,17 @@ def test_fit_function_returns_the_metrics_a_ray_train_worker_computed(ray_sessio
 
 
 def test_a_run_resubmitted_with_other_settings_is_refused_unless_resumed_with_allow_changes(
-    ray_session, prepared_dataset, workdir
+    one_epoch, prepared_dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = submit(_small_job(prepared_dataset, "epochs=1"), "changed")
-    assert first.finished, first.error
+    folder, first, _ = one_epoch
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     longer = _small_job(prepared_dataset, "epochs=2", "optim.lr_per_256=0.05")
     with pytest.raises(SettingsChanged, match=r"epochs 1 -> 2, optim.lr_per_256 0.1 -> 0.05"):
-        submit(longer, "changed")  # nothing starts: the checkpoint stays where it was
+        submit(longer, "lines")  # nothing starts: the checkpoint stays where it was
     assert checkpoint.read_meta(checkpoint.latest(first.run_dir))["epoch"] == 1
 
-    resumed = submit(longer, "changed", allow_changes=True)
+    resumed = submit(longer, "lines", allow_changes=True)
     assert resumed.finished, resumed.error
     assert resumed.mlflow_run_id == first.mlflow_run_id
     assert checkpoint.read_meta(checkpoint.latest(resumed.run_dir))["epoch"] == 2
