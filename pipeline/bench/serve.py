@@ -18,6 +18,7 @@ MLflow's model); there the batch size decides the throughput: give `clients` at 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -38,7 +39,7 @@ import torch
 from pipeline.bench.process import in_worker_process
 from pipeline.data.layouts import IMAGE_SUFFIXES
 from pipeline.system import free_port
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import tracking_at, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -269,34 +270,26 @@ def bench_serve(
     if not files:
         raise ValueError(f"no images under {folder}")
     images = [p.read_bytes() for p in files]
-    saved_cwd, saved_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            if model is None:  # a model of our own, in a store of our own: the user's stays clean
-                os.chdir(tmp)
-                os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
-                model = _bench_model(root)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the user's store, absolute
-                model = _fixed_version(model)
-            # The ceiling in two halves, before and after the deployment's rows, so that a machine
-            # whose speed drifts during the bench moves the ceiling as it moves the servers.
-            before = in_worker_process(_forward_pass, model, images, batch, seconds / 2, True)
-            rows = [in_worker_process(_forward_pass, model, images, batch, seconds, False)]
-            rows.extend(_resnet_pipe(model, images, clients, seconds, batch, wait_ms))
-            after = in_worker_process(_forward_pass, model, images, batch, seconds / 2, True)
-            ceiling = Row(
-                f"{before.name} (mean of {before.per_s:.2f} before, {after.per_s:.2f} after)",
-                (before.per_s + after.per_s) / 2,
-            )
-            rows.insert(0, ceiling)
-            rows.append(_mlflow_serve(model, images, clients, seconds))
-        finally:
-            os.chdir(saved_cwd)
-            if saved_uri is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as scope:
+        if model is None:  # a model of our own, in a store of our own: the user's stays clean
+            scope.enter_context(contextlib.chdir(tmp))
+            scope.enter_context(tracking_at(f"sqlite:///{tmp}/mlflow.db"))
+            model = _bench_model(root)
+        else:
+            scope.enter_context(tracking_at(tracking_uri()))  # the user's store, absolute
+            model = _fixed_version(model)
+        # The ceiling in two halves, before and after the deployment's rows, so that a machine
+        # whose speed drifts during the bench moves the ceiling as it moves the servers.
+        before = in_worker_process(_forward_pass, model, images, batch, seconds / 2, True)
+        rows = [in_worker_process(_forward_pass, model, images, batch, seconds, False)]
+        rows.extend(_resnet_pipe(model, images, clients, seconds, batch, wait_ms))
+        after = in_worker_process(_forward_pass, model, images, batch, seconds / 2, True)
+        ceiling = Row(
+            f"{before.name} (mean of {before.per_s:.2f} before, {after.per_s:.2f} after)",
+            (before.per_s + after.per_s) / 2,
+        )
+        rows.insert(0, ceiling)
+        rows.append(_mlflow_serve(model, images, clients, seconds))
     return rows
 
 

@@ -52,6 +52,7 @@ def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224
     import tempfile
 
     from pipeline.cluster.launch import fit_function, submit
+    from pipeline.tracking import tracking_at
 
     threads = len(os.sched_getaffinity(0))
     index = load_index(root)
@@ -63,27 +64,20 @@ def bench_train(root: Path, steps: int = 12, batch: int = 16, crop_px: int = 224
     channels_last = load_job("imagenet-r50", overrides).run.channels_last
     loop = ("resnet50", len(index.classes), batch, crop_px, threads, steps, channels_last)
     rows = [Result("bare PyTorch loop, in-memory tensors", in_worker_process(bare_loop, *loop))]
-    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"  # the user's store stays clean
-            on_ray = fit_function(_bare_loop_metrics, loop, threads, Path(tmp))
-            rows.append(Result("the same loop as a Ray Train function", on_ray["images_per_s"]))
-            for workers in (1, 2):
-                per_worker = [
-                    f"scaling.num_workers={workers}",
-                    f"scaling.cpus_per_worker={threads // workers}",
-                ]
-                job = load_job("imagenet-r50", [*overrides, *per_worker, f"run.storage_path='{tmp}'"])
-                outcome = submit(job, f"bench-{workers}", index=index, say=lambda _: None)  # a private run
-                if not outcome.finished:
-                    raise RuntimeError(f"the {workers}-worker benchmark run failed: {outcome.error}")
-                plural = "s" if workers > 1 else ""
-                name = f"resnet-pipe, {workers} worker{plural} x {threads // workers} threads"
-                rows.append(Result(name, outcome.metrics["train/images_per_s"]))
-    finally:
-        if previous_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+    # private runs, in a store of their own: the user's stays clean
+    with tempfile.TemporaryDirectory() as tmp, tracking_at(f"sqlite:///{tmp}/mlflow.db"):
+        on_ray = fit_function(_bare_loop_metrics, loop, threads, Path(tmp))
+        rows.append(Result("the same loop as a Ray Train function", on_ray["images_per_s"]))
+        for workers in (1, 2):
+            per_worker = [
+                f"scaling.num_workers={workers}",
+                f"scaling.cpus_per_worker={threads // workers}",
+            ]
+            job = load_job("imagenet-r50", [*overrides, *per_worker, f"run.storage_path='{tmp}'"])
+            outcome = submit(job, f"bench-{workers}", index=index, say=lambda _: None)  # a private run
+            if not outcome.finished:
+                raise RuntimeError(f"the {workers}-worker benchmark run failed: {outcome.error}")
+            plural = "s" if workers > 1 else ""
+            name = f"resnet-pipe, {workers} worker{plural} x {threads // workers} threads"
+            rows.append(Result(name, outcome.metrics["train/images_per_s"]))
     return rows

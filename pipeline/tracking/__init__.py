@@ -75,6 +75,22 @@ def quiet_mlflow():
         logging_utils.enable_logging()
 
 
+@contextlib.contextmanager
+def tracking_at(uri: str):
+    """MLflow at `uri` while the block runs, then as it was: MLFLOW_TRACKING_URI, which
+    `tracking_uri()` and the processes started meanwhile read, and MLflow's own setting, which its
+    module-level API (`mlflow.start_run`, `register_model`) reads. `mlflow.set_tracking_uri` sets
+    both, for good: a later run of the process, or a command it starts, would go to this store."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again
+
+
 def credentials() -> dict[str, str]:
     """This process's MLflow credentials (CREDENTIALS that are set), to hand to the processes
     that log or load models for it: rank 0 of a training job, the Serve replicas."""

@@ -14,9 +14,7 @@ first, so that a rollback knows where to go back to.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,7 +32,7 @@ from safetensors.torch import save_file
 from pipeline.config import Job, to_dict
 from pipeline.data.index import Index
 from pipeline.data.shards import first_image
-from pipeline.tracking import quiet_mlflow, runs_named, tracking_uri
+from pipeline.tracking import quiet_mlflow, runs_named, tracking_at, tracking_uri
 from pipeline.tracking.plots import log_class_errors, log_plots
 
 CHAMPION = "champion"
@@ -110,7 +108,7 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
     per_class = state.get("per_class") or {}  # absent from mid-epoch checkpoints
     if chosen in per_class:
         log_class_errors(run_id, per_class[chosen], index.classes, index.names)
-    with tempfile.TemporaryDirectory() as tmp, _fluent_api_at(tracking_uri()):
+    with tempfile.TemporaryDirectory() as tmp, tracking_at(tracking_uri()):
         artifacts = {
             "weights": Path(tmp) / "model.safetensors",
             "job": Path(tmp) / "job.json",
@@ -138,20 +136,6 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
                 "checkpoint": source}  # fmt: skip
         with quiet_mlflow():  # "Successfully registered model ...": the caller says what happened
             return mlflow.register_model(logged.model_uri, job.model.arch, tags=tags)
-
-
-@contextlib.contextmanager
-def _fluent_api_at(uri: str):
-    """MLflow's module-level API (`mlflow.start_run`, `log_model`, `register_model`) at `uri`,
-    then back as it was. `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ,
-    for good: every later run of the process, and every process it starts, would have gone to
-    this run's store (a study's or a test's next run in another folder, a CLI it runs)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)  # None: unset again
 
 
 def _example_image(index: Index) -> bytes:
