@@ -159,9 +159,15 @@ class Loaded:
         return self._forward(self.forward, batch)[:count]
 
     def _forward(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast(self.device, autocast_dtype(self.job, self.device)):
+            # The compiled graph's guards tell an inference tensor (what a replica's batches are,
+            # made under inference_mode) from an ordinary one (compile's examples), and compile
+            # anew for the kind they have not seen: the first request of each batch size waited
+            # 5.6 s for it on 2 cores, over 60 s on a busy machine. One kind, whoever calls.
+            if not batch.is_inference():
+                batch = batch.clone()
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             return forward(batch).float().softmax(dim=1).cpu()
 
 

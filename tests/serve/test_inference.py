@@ -3,10 +3,11 @@ size, with batches padded to the compiled sizes rather than compiled anew."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
-from torch._dynamo.utils import counters
 
 from pipeline.config import load_job
 from pipeline.serve.inference import Loaded, Preprocess, padded_sizes
@@ -37,14 +38,18 @@ def test_a_compiled_forward_pass_answers_as_the_eager_one_and_pads_instead_of_re
     eager, compiled = _tiny_version("1", seed=0), _tiny_version("1", seed=0)
     assert compiled.compile(max_batch=4, threads=2)
     assert compiled.sizes == (1, 2, 4) and compiled.forward is not None
-    graphs = counters["stats"]["unique_graphs"]
     crop = compiled.job.data.val_crop_px
     images = torch.randn(5, 3, crop, crop)
-    for count in (1, 2, 3, 4, 5):  # 3 runs padded to 4; 5 is beyond the compiled sizes: eager
-        answer = compiled.probabilities(images[:count])
-        assert answer.shape == (count, 5)
-        torch.testing.assert_close(answer, eager.probabilities(images[:count]), atol=1e-5, rtol=1e-4)
-    assert counters["stats"]["unique_graphs"] == graphs  # every size was compiled by `compile`
+    # every size was compiled by `compile`, for a caller in inference mode (a replica: its
+    # batches are inference tensors) or not: a compilation now raises
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for count in (1, 2, 3, 4, 5):  # 3 runs padded to 4; 5 is beyond the compiled sizes: eager
+            expected = eager.probabilities(images[:count])
+            for mode in (torch.inference_mode, contextlib.nullcontext):
+                with mode():
+                    answer = compiled.probabilities(images[:count].clone())
+                assert answer.shape == (count, 5)
+                torch.testing.assert_close(answer, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_second_version_compiled_in_the_same_process_answers_with_its_own_weights() -> None:
