@@ -67,13 +67,13 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_on_the_same_loss_traj
     two_nodes, prepared_dataset, workdir
 ) -> None:
     job = _job(prepared_dataset)
-    straight = submit(job, "straight")
+    straight = submit(job, "straight", register=False)
     assert straight.finished, straight.error
 
     # rank 1 SIGKILLs its own process after step 4 (the 2nd of epoch 1). The checkpoints before
     # are at step 3 (epoch 0's end) and 4 (mid-epoch); the one reported just before the death may
     # not be registered yet, so the restart is at either
-    killed = submit(job, "killed", step_hook=KillAt(5))
+    killed = submit(job, "killed", step_hook=KillAt(5), register=False)
     assert killed.finished, killed.error
     assert (killed.run_dir / "faults" / "killed-at-step-5").is_file()
     lines = (killed.run_dir / "samples" / "rank1.jsonl").read_text().splitlines()
@@ -104,7 +104,7 @@ def test_a_removed_node_shrinks_the_run_to_one_worker_at_the_same_global_batch(
 
     remover = threading.Thread(target=remove_node_mid_epoch)
     remover.start()
-    shrunk = submit(job, "shrunk")
+    shrunk = submit(job, "shrunk", register=False)
     remover.join()
     assert shrunk.finished, shrunk.error
 

@@ -31,7 +31,7 @@ def test_a_cifar_recipe_trains_its_iterations_from_the_canonical_archive(ray_ses
          "scaling.batch_size_per_worker=8", "data.threads_per_worker=1", "iterations=10",
          "optim.step_iters=[6]", "run.log_every_steps=1"],
     )  # fmt: skip
-    outcome = submit(job, "cifar-archive")
+    outcome = submit(job, "cifar-archive", register=False)
     assert outcome.finished, outcome.error
     meta = checkpoint.read_meta(checkpoint.latest(outcome.run_dir))
     assert (meta["epoch"], meta["step"]) == (3, 10)

@@ -35,14 +35,14 @@ def test_fault_then_resume_finishes_one_tracked_run(ray_session, prepared_datase
     job = _small_job(prepared_dataset, "optim.ema_decay=0.9", "optim.ema_every_steps=1", "target_top1=0.01")
 
     # first submission: rank 0 raises at global step 4 (epoch 1), after epoch 0's checkpoint
-    failed = submit(job, "faulty", step_hook=RaiseAt(4))
+    failed = submit(job, "faulty", step_hook=RaiseAt(4), register=False)
     assert not failed.finished and "injected fault" in failed.error
     saved = checkpoint.latest(failed.run_dir)
     meta = checkpoint.read_meta(saved)
     assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 3, 0)
 
     # second submission of the same run (what `submit --resume faulty` does): resumes at epoch 1
-    done = submit(job, "faulty")
+    done = submit(job, "faulty")  # registered: its final weights are logged to the run
     assert done.finished, done.error
     assert done.mlflow_run_id == failed.mlflow_run_id
     assert {"train/loss", "train/images_per_s", "val/top1", "val/top5"} <= set(done.metrics)
@@ -88,7 +88,7 @@ def test_fault_then_resume_finishes_one_tracked_run(ray_session, prepared_datase
     model.load_state_dict(load_file(weights))
 
     # a third submission of a finished run trains nothing
-    again = submit(job, "faulty")
+    again = submit(job, "faulty", register=False)
     assert again.finished and again.metrics["val/top1"] == pytest.approx(done.metrics["val/top1"])
     assert checkpoint.latest(done.run_dir) == checkpoint.latest(again.run_dir)
 
@@ -110,15 +110,15 @@ def test_a_run_resumed_mid_epoch_sees_exactly_the_uninterrupted_samples(
         prepared_dataset, "epochs=2", "run.checkpoint_every_steps=2", "run.sample_log=true",
         "optim.ema_decay=0.5", "optim.ema_every_steps=1", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
     )  # fmt: skip
-    straight = submit(job, "straight")
+    straight = submit(job, "straight", register=False)
     assert straight.finished, straight.error
 
     # the fault hits at step 5, the 3rd step of epoch 1; the last checkpoint is mid-epoch, at step 4
-    failed = submit(job, "interrupted", step_hook=RaiseAt(5))
+    failed = submit(job, "interrupted", step_hook=RaiseAt(5), register=False)
     assert not failed.finished
     meta = checkpoint.read_meta(checkpoint.latest(failed.run_dir))
     assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 4, 1)
-    resumed = submit(job, "interrupted")
+    resumed = submit(job, "interrupted", register=False)
     assert resumed.finished, resumed.error
 
     expected, got = _samples(straight.run_dir), _samples(resumed.run_dir)
@@ -139,7 +139,7 @@ class _Terminal(io.StringIO):
 
 def test_the_driver_draws_a_live_progress_bar(ray_session, prepared_dataset, workdir) -> None:
     terminal = _Terminal()
-    done = submit(_small_job(prepared_dataset, "epochs=1"), "bar", progress_to=terminal)
+    done = submit(_small_job(prepared_dataset, "epochs=1"), "bar", progress_to=terminal, register=False)
     assert done.finished, done.error
     drawn = terminal.getvalue()
     assert "epoch 1/1" in drawn and "3/3 steps" in drawn
@@ -156,7 +156,7 @@ def one_epoch(ray_session, prepared_dataset: Path, tmp_path_factory: pytest.Temp
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        done = submit(_small_job(prepared_dataset, "epochs=1"), "lines", progress_to=log)
+        done = submit(_small_job(prepared_dataset, "epochs=1"), "lines", progress_to=log, register=False)
     assert done.finished, done.error
     return folder, done, log.getvalue()
 
@@ -199,7 +199,7 @@ def test_a_run_resubmitted_with_other_settings_is_refused_unless_resumed_with_al
         submit(longer, "lines")  # nothing starts: the checkpoint stays where it was
     assert checkpoint.read_meta(checkpoint.latest(first.run_dir))["epoch"] == 1
 
-    resumed = submit(longer, "lines", allow_changes=True)
+    resumed = submit(longer, "lines", allow_changes=True, register=False)
     assert resumed.finished, resumed.error
     assert resumed.mlflow_run_id == first.mlflow_run_id
     assert checkpoint.read_meta(checkpoint.latest(resumed.run_dir))["epoch"] == 2
