@@ -164,10 +164,11 @@ class Loaded:
             # made under inference_mode) from an ordinary one (compile's examples), and compile
             # anew for the kind they have not seen: the first request of each batch size waited
             # 5.6 s for it on 2 cores, over 60 s on a busy machine. One kind, whoever calls.
-            if not batch.is_inference():
-                batch = batch.clone()
-            if self.channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            if batch.is_inference():
+                batch = batch.contiguous(memory_format=layout)
+            else:  # the one copy, in the model's layout
+                batch = batch.clone(memory_format=layout)
             return forward(batch).float().softmax(dim=1).cpu()
 
 
