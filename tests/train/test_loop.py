@@ -88,7 +88,7 @@ def test_fault_then_resume_finishes_one_tracked_run(ray_session, prepared_datase
     model.load_state_dict(load_file(weights))
 
     # a third submission of a finished run trains nothing
-    again = submit(job, "faulty", register=False)
+    again = submit(job, "faulty")
     assert again.finished and again.metrics["val/top1"] == pytest.approx(done.metrics["val/top1"])
     assert checkpoint.latest(done.run_dir) == checkpoint.latest(again.run_dir)
 
