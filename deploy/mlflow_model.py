@@ -5,7 +5,9 @@ the class list of the dataset it was trained on.
 Input: a DataFrame with a column "image" of encoded images (JPEG, PNG, ... bytes). Output: one
 row per image with the top class (class_index, wnid, name, probability) and "top_k", the best
 `TOP_K` as JSON. Preprocessing is the job's evaluation transform: shorter side to
-data.val_resize_px, center crop data.val_crop_px, normalize with data.mean and data.std.
+data.val_resize_px, center crop data.val_crop_px, normalize with data.mean and data.std, or, for
+a model trained with data.normalize = "pixel_mean" (the paper's CIFAR recipes), subtract the
+training images' mean image (the artifact "mean_image") and scale 0..255 to 0..1.
 
 Each image first passes serving's own checks (`pipeline.serve.inference.check_image`, with the
 Serve app's default limits): what `resnet-pipe deploy` refuses, this model refuses too, with an
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
@@ -48,12 +51,17 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
         self.model.to(self.device).eval()
         data = job.data
         self.resize_px = data.val_resize_px
+        if data.normalize == "pixel_mean":  # (pixels - mean image) / 255 in _decode, as training evaluated
+            self.mean_image = torch.from_numpy(np.load(context.artifacts["mean_image"])).permute(2, 0, 1)
+            normalize = [T.ToDtype(torch.float32)]
+        else:
+            normalize = [T.ToDtype(torch.float32, scale=True), T.Normalize(data.mean, data.std)]
+            self.mean_image = None
         self.transform = T.Compose([
             T.PILToTensor(),
             T.Resize(data.val_resize_px, antialias=True),
             T.CenterCrop(data.val_crop_px),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(data.mean, data.std),
+            *normalize,
         ])  # fmt: skip
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -75,7 +83,8 @@ class ResNetClassifier(mlflow.pyfunc.PythonModel):
 
     def _decode(self, encoded: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(encoded)) as image:
-            return self.transform(image.convert("RGB"))
+            tensor = self.transform(image.convert("RGB"))
+        return tensor if self.mean_image is None else (tensor - self.mean_image) / 255.0
 
     def _describe(self, index: int, probability: float) -> dict:
         _, wnid, name = self.classes[index]

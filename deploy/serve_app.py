@@ -122,7 +122,9 @@ class Classifier:
 
     def _load(self, name: str, version: str) -> tuple[Loaded, Preprocess]:
         loaded = Loaded.from_registry(name, version, self.device)
-        preprocess = Preprocess(loaded.job, self.settings.max_batch_size, self.device, self.threads)
+        preprocess = Preprocess(
+            loaded.job, self.settings.max_batch_size, self.device, self.threads, loaded.mean_image
+        )
         compiled = self.settings.compile and loaded.compile(self.settings.max_batch_size, self.threads)
         with torch.inference_mode():  # the first calls pay for allocation, not a request
             loaded.probabilities(preprocess([warmup_image()] * self.settings.max_batch_size))

@@ -112,6 +112,11 @@ class Data:
         for key in ("holdout", "train_images", "val_images"):
             if getattr(self, key) and self.source != "memory":
                 raise JobError(f"'data.{key}' ({getattr(self, key)}) needs data.source = 'memory'")
+        if self.normalize == "pixel_mean" and self.source != "memory":
+            raise JobError(
+                "data.normalize = 'pixel_mean' subtracts the mean of the training images held in memory: "
+                "it needs data.source = 'memory'"
+            )
         if self.val_crop_px > self.val_resize_px:
             raise JobError(
                 f"'data.val_crop_px' ({self.val_crop_px}) is above 'data.val_resize_px' "

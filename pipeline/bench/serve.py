@@ -169,7 +169,7 @@ def _forward_pass(model: str, images: list[bytes], batch: int, seconds: float, r
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     compiled = not raw and loaded.compile(batch, threads)
-    inputs = Preprocess(loaded.job, batch, device, threads)((images * batch)[:batch])
+    inputs = Preprocess(loaded.job, batch, device, threads, loaded.mean_image)((images * batch)[:batch])
     with torch.inference_mode():
         loaded.probabilities(inputs)  # warm-up
         done, began = 0, time.perf_counter()

@@ -96,7 +96,10 @@ def data_prepare(root: Path, workers: int | None, shards: bool, shard_size: int)
     if shards:
         from pipeline.data.shards import shard_dir, write_shards
 
-        written = write_shards(load_index(root), shard_size)
+        try:
+            written = write_shards(load_index(root), shard_size)
+        except DatasetError as e:
+            fail(str(e))
         counts = ", ".join(f"{len(names)} {split}" for split, names in written.items())
         click.echo(f"shards ({counts}) in {shard_dir(root)}")
 

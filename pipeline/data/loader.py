@@ -34,7 +34,7 @@ from pipeline.config import Data, Job
 from pipeline.data import augment
 from pipeline.data.decode import ENCODED_INPUT
 from pipeline.data.index import Index
-from pipeline.data.memory import Order, load_pixels, memory_pipeline, split_rows
+from pipeline.data.memory import Order, load_pixels, memory_pipeline, split_rows, subtract_mean, training_mean
 from pipeline.data.shards import read_shards
 
 READER = "reader"
@@ -196,19 +196,29 @@ def val_pipeline(
 
 
 @pipeline_def
-def serve_pipeline(data: Data, gpu: bool, threads: int):
+def serve_pipeline(data: Data, gpu: bool, threads: int, mean_image: np.ndarray | None = None):
     """The evaluation transform over encoded images fed in by the caller (`ENCODED_INPUT`): what
     the Serve deployment (deploy/serve_app.py) runs on each batch of requests."""
     encoded = fn.external_source(name=ENCODED_INPUT, dtype=types.UINT8, ndim=1)
-    return eval_transform(encoded, data, gpu, threads)
+    return eval_transform(encoded, data, gpu, threads, mean_image)
 
 
-def eval_transform(encoded, data: Data, gpu: bool, threads: int):
+def eval_transform(encoded, data: Data, gpu: bool, threads: int, mean_image: np.ndarray | None = None):
     """Decode, resize the shorter side to data.val_resize_px, center crop data.val_crop_px,
-    normalize: deterministic. Validation and serving both run this (train/serve parity)."""
+    normalize: deterministic. Validation and serving both run this (train/serve parity).
+
+    `mean_image` (H x W x 3, 0..255): with `data.normalize = "pixel_mean"`, the training images'
+    mean, subtracted from the crop as the memory pipeline's evaluation does (the same arithmetic:
+    a 32 x 32 image comes out as the memory pipeline gives the same pixels)."""
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
     images = antialiased_resize(images, gpu, threads, shorter=data.val_resize_px)
-    return _normalize(images, data, crop_px=data.val_crop_px)
+    if data.normalize != "pixel_mean":
+        return _normalize(images, data, crop_px=data.val_crop_px)
+    if mean_image is None or mean_image.shape[:2] != (data.val_crop_px, data.val_crop_px):
+        raise ValueError(f"pixel_mean evaluation needs the training images' {data.val_crop_px}-px mean image")
+    images = fn.crop(images, crop=(data.val_crop_px, data.val_crop_px))
+    images, mean, std = subtract_mean(images, mean_image)
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
 
 
 class Loader:
@@ -330,9 +340,7 @@ def _memory_loader(
     pixels = load_pixels(index.root, source, index.dataset_hash)
     mean_image = np.zeros(pixels.shape[1:], np.float32)
     if job.data.normalize == "pixel_mean":  # of the images trained on, as the paper
-        _, train_rows = split_rows(job.data, "train", len(index.splits["train"]), len(index.splits["val"]))
-        train_pixels = pixels if source == "train" else load_pixels(index.root, "train", index.dataset_hash)
-        mean_image = train_pixels[train_rows].mean(axis=0, dtype=np.float64).astype(np.float32)
+        mean_image = training_mean(job.data, index)
     train = split == "train"
     order = Order(pixels, rows, job.scaling.batch_size_per_worker, shard_id, num_shards, seed, train)
     pipe = memory_pipeline(

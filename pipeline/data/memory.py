@@ -25,7 +25,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.config import Data
-from pipeline.data.index import INDEX, DatasetError
+from pipeline.data.index import INDEX, DatasetError, Index
 from pipeline.storage import Location, StorageError
 
 PIXELS = "pixels-{split}.npy"  # written by `pipeline.data.prepare`
@@ -73,6 +73,20 @@ def split_rows(data: Data, split: str, train_count: int, val_count: int) -> tupl
     if keep and keep < len(rows):
         rows = np.sort(rows[np.random.default_rng(HOLDOUT_SEED + 1).permutation(len(rows))[:keep]])
     return source, rows
+
+
+def training_mean(data: Data, index: Index) -> np.ndarray:
+    """The mean image (H x W x 3 float32, on the 0..255 scale) of the images `data` trains on:
+    what `normalize = "pixel_mean"` subtracts in training, evaluation and serving alike."""
+    _, rows = split_rows(data, "train", len(index.splits["train"]), len(index.splits["val"]))
+    pixels = load_pixels(index.root, "train", index.dataset_hash)
+    return pixels[rows].mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def subtract_mean(images, mean_image: np.ndarray):
+    """DALI: HWC uint8 images less `mean_image`, as float; then 0..255 steps become 0..1 (the
+    mean and std that `fn.crop_mirror_normalize` is to apply)."""
+    return fn.cast(images, dtype=types.FLOAT) - types.Constant(mean_image), [0.0] * 3, [255.0] * 3
 
 
 class Order:
@@ -136,8 +150,7 @@ def memory_pipeline(data: Data, order: Order, train: bool, gpu: bool, crop_px: i
     if gpu:
         images = images.gpu()
     if data.normalize == "pixel_mean":
-        images = fn.cast(images, dtype=types.FLOAT) - types.Constant(mean_image)
-        mean, std = [0.0] * 3, [255.0] * 3  # the mean is gone; 0..255 steps become 0..1
+        images, mean, std = subtract_mean(images, mean_image)
     else:
         mean, std = [255 * m for m in data.mean], [255 * s for s in data.std]
     mirror = 0

@@ -56,8 +56,9 @@ class Report:
     rejected: list[tuple[str, str]]  # (relative path, reason)
     num_classes: int
     dataset_hash: str
-    checked: int  # files decoded by this run
+    checked: int  # files decoded by this run (0 for a release of arrays)
     reused: int  # files whose manifest line was still valid
+    sources: int = 0  # > 0: the images came as arrays from this many release files (CIFAR's python release)
 
 
 def check_file(path: str) -> dict:
@@ -188,7 +189,7 @@ def prepare(root: Path, workers: int | None = None) -> Report:
     index_of = {c: i for i, c in enumerate(layout.classes)}
     rels = [rel for split in SPLITS for rel, _ in layout.files[split]]
     if layout.pixels is not None:
-        entries, checked = _array_entries(root, layout), len(rels)  # every image read from the release
+        entries, checked = _array_entries(root, layout), 0  # every image read from the release's arrays
     else:
         entries, checked = _verify(root, rels, workers)
 
@@ -211,9 +212,11 @@ def prepare(root: Path, workers: int | None = None) -> Report:
     for split in SPLITS:
         _write_lines(out / f"{split}.tsv", (f"{rel}\t{label}" for rel, label, _ in kept[split]))
     counts = {split: len(kept[split]) for split in SPLITS}
+    reused = len(rels) - checked if layout.pixels is None else 0
     report = Report(
-        layout.kind, counts, sorted(rejected), len(layout.classes), digest, checked, len(rels) - checked
-    )
+        layout.kind, counts, sorted(rejected), len(layout.classes), digest, checked, reused,
+        sources=len(layout.sources) if layout.pixels is not None else 0,
+    )  # fmt: skip
     summary = {"layout": layout.kind, "classes": len(layout.classes), "counts": counts, "hash": digest}
     if shape := _write_pixels(root, layout, kept):
         summary["pixels"] = shape
@@ -287,7 +290,13 @@ def _small_images(root: Path, kept: dict[str, list[tuple[str, int, str]]]) -> di
 def format_report(root: Path, report: Report) -> str:
     lines = [f"dataset {root} ({report.layout} layout): {report.num_classes} classes"]
     lines += [f"  {split}: {n} images" for split, n in report.counts.items()]
-    lines.append(f"  decoded now: {report.checked} files; unchanged since the last prepare: {report.reused}")
+    if report.sources:
+        images = sum(report.counts.values())
+        sources = report.sources
+        lines.append(f"  held in arrays: {images} images read from {sources} release files (no image files)")
+    else:
+        checked, reused = report.checked, report.reused
+        lines.append(f"  decoded now: {checked} files; unchanged since the last prepare: {reused}")
     lines.append(f"  dataset hash: {report.dataset_hash}")
     lines.append(f"  left out: {len(report.rejected)} files")
     lines += [f"    {rel}: {why}" for rel, why in report.rejected]

@@ -23,7 +23,7 @@ import struct
 import tarfile
 from pathlib import Path
 
-from pipeline.data.index import INDEX, Index
+from pipeline.data.index import INDEX, DatasetError, Index
 from pipeline.storage import Location
 
 FOLDER = "shards"
@@ -42,6 +42,12 @@ def write_shards(index: Index, samples_per_shard: int = SHARD_SAMPLES) -> dict[s
     Returns:
         split -> the shard file names, in reading order.
     """
+    if index.layout.endswith("-python"):
+        raise DatasetError(
+            f"{index.root} is CIFAR's python release: its images are arrays, not files, and train from "
+            "memory (data.source = 'memory'); shards hold image files, so none are written. `data upload` "
+            "carries the arrays to an object store"
+        )
     out = shard_dir(index.root.local_path())  # written on this machine, then uploaded (`data upload`)
     manifest = out / "shards.json"
     if manifest.is_file():

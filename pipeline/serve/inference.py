@@ -4,7 +4,8 @@ transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
 `resnet-pipe bench serve` both use these.
 
     loaded = Loaded.from_registry("resnet50", "3", torch.device("cpu"))
-    preprocess = Preprocess(loaded.job, max_batch=8, device=loaded.device, threads=2)
+    preprocess = Preprocess(loaded.job, max_batch=8, device=loaded.device, threads=2,
+                            mean_image=loaded.mean_image)  # pixel_mean models: their training mean
     check_image(body, max_body_bytes=20 * 2**20, max_pixels=40_000_000, resize_px=256)  # or BadImage
     answers = [prediction(loaded, row, top_k=5) for row in loaded.probabilities(preprocess([body]))]
     loaded.compile(max_batch=8, threads=2)  # optional: a faster forward pass, compiled now
@@ -18,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.contract import MEAN_IMAGE
 from pipeline.train.step import autocast, autocast_dtype
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # what both PIL (the checks) and DALI (the decode) read
@@ -91,6 +94,7 @@ class Loaded:
     channels_last: bool
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model, eager
     sizes: tuple[int, ...] = ()  # the batch sizes `forward` was compiled for
+    mean_image: np.ndarray | None = None  # data.normalize = "pixel_mean": the training images' mean
 
     @classmethod
     def from_registry(cls, name: str, version: str, device: torch.device, raw: bool = False) -> "Loaded":
@@ -115,12 +119,14 @@ class Loaded:
             ]
             model = create_model(job.model.arch, num_classes=len(rows))
             model.load_state_dict(load_file(folder / "model.safetensors"))
+            mean_file = folder / MEAN_IMAGE
+            mean_image = np.load(mean_file) if mean_file.is_file() else None
         model = model.to(device).eval()
         channels_last = job.run.channels_last and not raw
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         classes = [(wnid, label) for _, wnid, label in rows]
-        return cls(name, str(version), model, classes, job, device, channels_last)
+        return cls(name, str(version), model, classes, job, device, channels_last, mean_image=mean_image)
 
     def compile(self, max_batch: int, threads: int) -> bool:
         """Compiles the forward pass with `torch.compile` (inductor, the weights frozen into the
@@ -183,7 +189,9 @@ class Preprocess:
     """`pipeline.data.loader.serve_pipeline` for batches of up to `max_batch` encoded images. An image
     DALI cannot decode raises; the next call runs on a new pipeline (`pipeline.data.loader.FedPipeline`)."""
 
-    def __init__(self, job, max_batch: int, device: torch.device, threads: int):
+    def __init__(
+        self, job, max_batch: int, device: torch.device, threads: int, mean_image: np.ndarray | None = None
+    ):
         from pipeline.data.decode import FedPipeline
         from pipeline.data.loader import serve_pipeline
 
@@ -195,6 +203,7 @@ class Preprocess:
                 data=job.data,
                 gpu=gpu,
                 threads=threads,
+                mean_image=mean_image,
                 batch_size=max_batch,
                 num_threads=threads,
                 device_id=device.index or 0 if gpu else None,

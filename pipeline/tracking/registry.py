@@ -14,6 +14,7 @@ first, so that a rollback knows where to go back to.
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 from dataclasses import dataclass
@@ -21,21 +22,26 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
+from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline.config import Job, to_dict
-from pipeline.data.index import Index
+from pipeline.data.contract import MEAN_IMAGE, contract
+from pipeline.data.index import INDEX, Index
+from pipeline.data.memory import PIXELS, load_pixels, training_mean
 from pipeline.data.shards import first_image
 from pipeline.tracking import quiet_mlflow, runs_named, tracking_at, tracking_uri
 from pipeline.tracking.plots import log_class_errors, log_plots
 
 CHAMPION = "champion"
+PREPROCESSING_TAG = "preprocessing"  # the version's evaluation transform (pipeline.data.contract), JSON
 HISTORY_TAG = "champion_history"
 MODEL_CODE = Path(__file__).resolve().parents[2] / "deploy" / "mlflow_model.py"
 
@@ -121,6 +127,10 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
         artifacts["job"].write_text(json.dumps(to_dict(job), indent=1))
         classes = (index.root / "index" / "classes.tsv").read_text()
         artifacts["classes"].write_text(classes, encoding="utf-8")
+        preprocessing = contract(job.data)
+        if job.data.normalize == "pixel_mean":  # the mean the model was trained against travels with it
+            artifacts["mean_image"] = Path(tmp) / MEAN_IMAGE
+            np.save(artifacts["mean_image"], training_mean(job.data, index))
         example = pd.DataFrame({"image": [_example_image(index)]})
         with quiet_mlflow(), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             logged = mlflow.pyfunc.log_model(
@@ -133,16 +143,23 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
                 pip_requirements=pip_requirements(),
             )
         tags = {"val/top1": f"{top1:.6f}", "dataset_hash": index.dataset_hash, "run_id": run_id,
-                "checkpoint": source}  # fmt: skip
+                "checkpoint": source, PREPROCESSING_TAG: json.dumps(preprocessing)}  # fmt: skip
         with quiet_mlflow():  # "Successfully registered model ...": the caller says what happened
             return mlflow.register_model(logged.model_uri, job.model.arch, tags=tags)
 
 
 def _example_image(index: Index) -> bytes:
-    """A validation image: its file, or where the dataset holds shards only (one uploaded to an
-    object store), the first image of the first validation shard."""
+    """A validation image: its file; where the dataset has no image files (CIFAR's python
+    release, or pixel arrays uploaded to an object store), its first validation image as a PNG;
+    where it holds shards only, the first image of the first validation shard."""
     image = index.root / index.files("val")[0]
-    return image.read_bytes() if image.is_file() else first_image(index.root, "val")
+    if image.is_file():
+        return image.read_bytes()
+    if (index.root / INDEX / PIXELS.format(split="val")).is_file():
+        encoded = io.BytesIO()
+        Image.fromarray(load_pixels(index.root, "val", index.dataset_hash)[0]).save(encoded, format="PNG")
+        return encoded.getvalue()
+    return first_image(index.root, "val")
 
 
 def resolve(client: MlflowClient, target: str) -> ModelVersion:
@@ -241,13 +258,15 @@ def serving_version(target: str | None) -> tuple[ModelVersion, str | None]:
 
 
 def _check_servable(client: MlflowClient, version: ModelVersion) -> None:
-    """The serving pipeline normalises per channel; a model trained on images less their mean
-    image (`data.normalize = "pixel_mean"`, the paper's CIFAR recipe) would get other inputs."""
-    if client.get_run(version.run_id).data.params.get("data.normalize") == "pixel_mean":
+    """A model trained on images less their mean image (`data.normalize = "pixel_mean"`, the
+    paper's CIFAR recipe) answers rightly only with that mean image, which versions registered
+    before it was stored with them (no `preprocessing` tag) lack."""
+    stored = PREPROCESSING_TAG in version.tags
+    if not stored and client.get_run(version.run_id).data.params.get("data.normalize") == "pixel_mean":
         raise RegistryError(
             f"{version.name}/{version.version} was trained with data.normalize = 'pixel_mean' (the "
-            "training set's mean image subtracted), which the serving pipeline does not apply yet: "
-            "serve a model trained with data.normalize = 'channel'"
+            "training set's mean image subtracted) and registered without that mean image, by an older "
+            "resnet-pipe: register the run again (resubmit it under a new --name)"
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cifar_release import images, write_cifar10
+from conftest import cli
 from PIL import Image
 
 from pipeline.config import load_job
@@ -58,6 +59,20 @@ def test_the_canonical_archive_and_its_folder_prepare_to_the_same_dataset(archiv
     write_cifar10(tmp_path, TRAIN, TEST, extract=True)
     prepare(tmp_path)
     assert load_index(tmp_path).dataset_hash == index.dataset_hash  # same images, same hash
+
+
+def test_prepare_says_an_archive_is_held_in_arrays_and_refuses_shards_of_it(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, TRAIN, TEST)
+    prepared = cli("data", "prepare", str(tmp_path))
+    assert prepared.returncode == 0, prepared.stderr
+    assert f"held in arrays: {TRAIN + TEST} images read from 1 release files" in prepared.stdout
+    assert "decoded now" not in prepared.stdout  # no file was decoded: the arrays were read
+
+    sharded = cli("data", "prepare", str(tmp_path), "--shards")
+    assert sharded.returncode == 2
+    assert len(sharded.stderr.splitlines()) == 1 and sharded.stderr.startswith("error: ")
+    assert "CIFAR's python release" in sharded.stderr and "data.source = 'memory'" in sharded.stderr
+    assert not (tmp_path / "index" / "shards").exists()
 
 
 def test_image_folders_of_small_images_are_held_as_arrays_too(tmp_path: Path) -> None:

@@ -1,19 +1,31 @@
 """A paper recipe (jobs/cifar10-resnet20) trains through Ray Train and DALI like every other
 job: from CIFAR-10's canonical python archive, on 2 CPU workers, with its schedule in
-iterations, ending where the iterations end. (From CIFAR image folders: tests/study/.)"""
+iterations, ending where the iterations end; it registers its model, with an input example from
+the archive's arrays and the mean image it was trained against, and every way of serving it
+(Serve's preprocessing, MLflow's pyfunc) answers as its offline evaluation did. (From CIFAR image
+folders: tests/study/.)"""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 from cifar_release import write_cifar10
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline.cluster.launch import submit
 from pipeline.config import load_job
-from pipeline.data.index import DatasetError
+from pipeline.data.index import DatasetError, load_index
+from pipeline.data.loader import build_loader
 from pipeline.data.prepare import prepare
+from pipeline.serve.inference import Loaded, Preprocess
 from pipeline.tracking import tracking_uri
 from pipeline.train import checkpoint
 
@@ -31,8 +43,9 @@ def test_a_cifar_recipe_trains_its_iterations_from_the_canonical_archive(ray_ses
          "scaling.batch_size_per_worker=8", "data.threads_per_worker=1", "iterations=10",
          "optim.step_iters=[6]", "run.log_every_steps=1"],
     )  # fmt: skip
-    outcome = submit(job, "cifar-archive", register=False)
+    outcome = submit(job, "cifar-archive")
     assert outcome.finished, outcome.error
+    assert outcome.registered and outcome.registered.startswith("cifar_resnet20 version 1")
     meta = checkpoint.read_meta(checkpoint.latest(outcome.run_dir))
     assert (meta["epoch"], meta["step"]) == (3, 10)
     client = MlflowClient(tracking_uri())
@@ -43,6 +56,36 @@ def test_a_cifar_recipe_trains_its_iterations_from_the_canonical_archive(ray_ses
     assert lrs[1] == pytest.approx(job.peak_lr) and lrs[10] == pytest.approx(job.peak_lr / 10)  # at step 6
     errors = client.get_metric_history(run.info.run_id, "train/step_error")
     assert len(errors) == 10 and all(0 <= m.value <= 1 for m in errors)
+    _serves_as_it_evaluated(job, root)
+
+
+def _serves_as_it_evaluated(job, root: Path) -> None:
+    """The registered version, through Serve's preprocessing of PNG files and through MLflow's
+    pyfunc, gives the offline evaluation's inputs and classes on the test images."""
+    index = load_index(root)
+    version = MlflowClient(tracking_uri()).get_model_version("cifar_resnet20", "1")
+    assert json.loads(version.tags["preprocessing"])["normalize"] == "pixel_mean"
+    loaded = Loaded.from_registry("cifar_resnet20", "1", torch.device("cpu"))
+    pixels = np.load(root / "index" / "pixels-train.npy")
+    np.testing.assert_allclose(loaded.mean_image, pixels.mean(axis=0), rtol=1e-6)
+
+    offline = build_loader(job.at_world(1), index, "val")
+    images, labels, ids = (torch.cat(parts) for parts in zip(*list(offline)))
+    test_pixels = np.load(root / "index" / "pixels-val.npy")
+    pngs = []
+    for row in ids.tolist():
+        encoded = io.BytesIO()
+        Image.fromarray(test_pixels[row]).save(encoded, format="PNG")
+        pngs.append(encoded.getvalue())
+    served = torch.cat([Preprocess(loaded.job, 8, torch.device("cpu"), 1, loaded.mean_image)(pngs[i : i + 8])
+                        for i in range(0, len(pngs), 8)])  # fmt: skip
+    torch.testing.assert_close(served, images, rtol=0, atol=1e-6)  # the same inputs, to rounding
+    classes = loaded.probabilities(images).argmax(dim=1)
+    torch.testing.assert_close(loaded.probabilities(served).argmax(dim=1), classes)
+
+    pyfunc = mlflow.pyfunc.load_model("models:/cifar_resnet20/1")
+    answers = pyfunc.predict(pd.DataFrame({"image": pngs}))
+    assert answers["class_index"].tolist() == classes.tolist()
 
 
 def test_the_python_release_read_as_files_names_the_setting(ray_session, workdir: Path) -> None:
