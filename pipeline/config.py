@@ -163,6 +163,10 @@ class Scaling:
     resize_check_s: Positive = 60.0  # elastic: how often Ray looks for room to add workers
     use_gpu: bool = False  # one GPU per worker; NCCL, mixed decoding and autocast follow from it
     cpus_per_worker: Count = 1
+    memory_per_worker_gb: NonNegative = 0.0  # memory Ray reserves for each worker; 0: none asked
+    # a cluster with an autoscaler: how long to wait for it to add the nodes the job needs, then
+    # give up (exit 2); a cluster that cannot grow is refused at once (pipeline.cluster.resources)
+    wait_for_room_s: Positive = 600.0
     batch_size_per_worker: Count = 32  # at num_workers; fewer workers accumulate more (global batch kept)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 

@@ -210,6 +210,7 @@ def submit(
     index = check_prepared(job.data.root)
     from pipeline.cluster.launch import SettingsChanged  # imports Ray: only after the checks
     from pipeline.cluster.launch import submit as launch_submit
+    from pipeline.cluster.resources import NoRoom
     from pipeline.storage import StorageError
     from pipeline.tracking import TrackingError
 
@@ -218,7 +219,7 @@ def submit(
         outcome = launch_submit(
             job, run_name or job.name, address, index, progress_to=progress, allow_changes=allow_changes
         )
-    except (TrackingError, SettingsChanged, StorageError, DatasetError) as e:
+    except (TrackingError, SettingsChanged, StorageError, DatasetError, NoRoom) as e:
         fail(str(e))
     click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
     for key in ("val/top1", "val/top5", "train/loss"):

@@ -25,6 +25,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import system, tracking
+from pipeline.cluster import resources
 from pipeline.cluster.address import cluster_address
 from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import DatasetError, Index, load_index
@@ -172,6 +173,8 @@ def submit(
 
     Raises:
         SettingsChanged: see `allow_changes`; nothing started.
+        NoRoom: the cluster can never hold the job, or its autoscaler did not make room in
+            `scaling.wait_for_room_s`; nothing started.
         StorageError: the run's storage cannot be written, from here or from a node of the
             cluster; DatasetError: the dataset cannot be read; nothing trained.
     """
@@ -203,7 +206,8 @@ def submit(
             f"{index.root} is CIFAR's python release: its images are arrays, not files; "
             "set data.source='memory'"
         )
-    if cluster_address(address) is not None:  # before the MLflow run: nothing half-made on a refusal
+    check_room([job], address, say)  # before the MLflow run: nothing half-made on a refusal
+    if cluster_address(address) is not None:
         connect(address, log_to_driver=False)
         check_storage_on_nodes(storage)
     run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash, parent)
@@ -248,7 +252,7 @@ def submit(
             else job.scaling.num_workers,
             elastic_resize_monitor_interval_s=job.scaling.resize_check_s,
             use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+            resources_per_worker=resources.worker_ask(job),
             placement_strategy=job.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -275,6 +279,17 @@ def submit(
     registered = _register(job, run_id, run_dir, index, say) if error is None and register else None
     tracking.close_run(run_id, succeeded=error is None)
     return Outcome(error is None, metrics, run_id, run_dir, error, registered)
+
+
+def check_room(jobs: list[Job], address: str | None, say: Callable[[str], None] = print) -> None:
+    """Raises `resources.NoRoom` when the cluster can never hold one of `jobs` (the Ray that
+    `submit` would start here is judged from this machine, without starting it); on a cluster with
+    an autoscaler, waits up to `scaling.wait_for_room_s` for it to add nodes, saying so once."""
+    if ray.is_initialized() or cluster_address(address) is not None:
+        connect(address, log_to_driver=False)
+        resources.wait_for_room(jobs, max(job.scaling.wait_for_room_s for job in jobs), say)
+    elif problem := resources.shortfall(jobs, resources.local_nodes(), "the Ray of this machine"):
+        raise resources.NoRoom(problem)
 
 
 def check_storage_on_nodes(storage: Location) -> None:

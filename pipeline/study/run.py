@@ -19,7 +19,7 @@ from typing import TextIO
 import ray
 from mlflow.exceptions import MlflowException
 
-from pipeline.cluster.launch import connect, submit
+from pipeline.cluster.launch import check_room, connect, submit
 from pipeline.config import Job, from_dict, load_job
 from pipeline.data.index import load_index
 from pipeline.storage import Location
@@ -63,10 +63,13 @@ def run_study(
     Raises:
         JobError: a member's job does not load with these settings; nothing submitted.
         StudyError: `runs_of` lacks a finished run of a member; nothing measured.
+        NoRoom: the cluster can never hold one of the runs; nothing submitted.
     """
     settings = (f"data.root='{root}'", *plan.settings, *overrides)
     jobs = [load_job(m.job, [*settings, *m.overrides]) for m in plan.members]  # all checked first
     earlier = _earlier_runs(plan, runs_of) if runs_of else None
+    if earlier is None:
+        check_room(jobs, address, say)  # each run on its own: NoRoom before the parent run exists
     experiment = f"study-{plan.study}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     params = {"scale": plan.scale, "dataset": plan.dataset, "meaning": plan.meaning,
