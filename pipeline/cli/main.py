@@ -6,6 +6,7 @@ exit code 2, before Ray starts.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -215,12 +216,20 @@ def submit(
     from pipeline.tracking import TrackingError
 
     progress = sys.stderr if sys.stderr.isatty() else sys.stdout  # a live bar on a terminal; else lines
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` ends the run as Ctrl-C does
     try:
         outcome = launch_submit(
             job, run_name or job.name, address, index, progress_to=progress, allow_changes=allow_changes
         )
     except (TrackingError, SettingsChanged, StorageError, DatasetError, NoRoom) as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        click.echo(
+            f"interrupted: run '{run_name or job.name}' is KILLED in MLflow; its checkpoints stay, and the "
+            "same command continues it from the latest",
+            err=True,
+        )
+        sys.exit(130)
     click.echo(f"MLflow run id: {outcome.mlflow_run_id}")
     for key in ("val/top1", "val/top5", "train/loss"):
         if key in outcome.metrics:

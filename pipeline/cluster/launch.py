@@ -224,6 +224,29 @@ def submit(
             return Outcome(True, meta["metrics"], run_id, run_dir)
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
+    try:
+        return _fit(job, run_name, address, index, run_id, run_dir, storage, epochs, progress_to, say,
+                    step_hook, register)  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, as `submit` takes it): the run is KILLED, not RUNNING
+        tracking.close_run(run_id, succeeded=False, interrupted=True)
+        raise
+
+
+def _fit(
+    job: Job,
+    run_name: str,
+    address: str | None,
+    index: Index,
+    run_id: str,
+    run_dir: Location,
+    storage: Location,
+    epochs: int,
+    progress_to: TextIO | None,
+    say: Callable[[str], None],
+    step_hook: Callable[[int, int, int, Path], None] | None,
+    register: bool,
+) -> Outcome:
+    """`submit` from Ray on: the trainer, its fit, the registration and the run's end."""
     connect(address, log_to_driver=False)
     _record_hardware(run_id)
     board = _on_this_node(Board).remote() if progress_to is not None else None
@@ -271,7 +294,7 @@ def submit(
     view = ProgressView(board, epochs, progress_to, live) if board else contextlib.nullcontext()
     try:
         with view:
-            result = trainer.fit()
+            result = _fit_off_the_main_thread(trainer)
         error = str(result.error) if result.error else None
         metrics = dict(result.metrics or {})
     except Exception as e:  # Ray Train V2 raises on a failed run
@@ -290,6 +313,28 @@ def check_room(jobs: list[Job], address: str | None, say: Callable[[str], None] 
         resources.wait_for_room(jobs, max(job.scaling.wait_for_room_s for job in jobs), say)
     elif problem := resources.shortfall(jobs, resources.local_nodes(), "the Ray of this machine"):
         raise resources.NoRoom(problem)
+
+
+def _fit_off_the_main_thread(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()` on a thread of its own, so that Ctrl-C reaches this process's main thread as
+    KeyboardInterrupt. On the main thread, fit puts in its own SIGINT handler, which aborts the
+    run and ends the process with exit code 1, saying nothing and leaving the MLflow run RUNNING.
+    Daemon: a Ctrl-C ends the process without waiting for it (Ray goes down with the driver)."""
+    outcome: dict[str, object] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread, as fit would have raised it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="resnet-pipe-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # short waits: a KeyboardInterrupt is delivered between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def check_storage_on_nodes(storage: Location) -> None:

@@ -238,8 +238,9 @@ def record_changes(run_id: str, changes: dict[str, tuple], step: int) -> None:
     client.set_tag(run_id, "settings_changed", f"{earlier}; {entry}" if earlier else entry)
 
 
-def close_run(run_id: str, succeeded: bool) -> None:
-    status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+def close_run(run_id: str, succeeded: bool, interrupted: bool = False) -> None:
+    """Ends the run FINISHED or FAILED; KILLED when the user `interrupted` it (Ctrl-C)."""
+    status = RunStatus.KILLED if interrupted else RunStatus.FINISHED if succeeded else RunStatus.FAILED
     MlflowClient(tracking_uri()).set_terminated(run_id, status=RunStatus.to_string(status))
 
 

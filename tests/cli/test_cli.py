@@ -207,3 +207,48 @@ def test_bench_train_prints_its_table_and_nothing_of_its_private_runs(
     for noise in ("registered", "Created version", "MLflow run", "(RayTrainWorker", "(TrainController"):
         assert noise not in shown, (noise, shown[-3000:])
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # the user's stay clean
+
+
+def test_ctrl_c_during_submit_ends_the_mlflow_run_as_killed(prepared_dataset: Path, tmp_path: Path) -> None:
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    settings = [
+        f"data.root='{prepared_dataset}'", "epochs=50", "data.crop_px=32", "scaling.batch_size_per_worker=8",
+        "data.val_resize_px=36", "data.val_crop_px=32", "run.log_every_steps=1",
+    ]  # fmt: skip
+    command = [
+        sys.executable,
+        "-c",
+        PROBE,
+        "submit",
+        "quickstart",
+        *[w for s in settings for w in ("--set", s)],
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    try:
+        for line in process.stdout:  # training has begun: rank 0's first progress line
+            seen.append(line)
+            if "epoch 0 step 1/" in line:
+                break
+        else:
+            pytest.fail("no progress line before the command ended:\n" + "".join(seen[-40:]))
+        process.send_signal(signal.SIGINT)  # Ctrl-C: the terminal sends it to the foreground command
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, "".join(seen) + rest
+    assert "is KILLED in MLflow" in rest and "Traceback" not in rest
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "KILLED"
