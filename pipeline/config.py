@@ -195,6 +195,12 @@ class Run:
     # 1.19x; docs/benchmarks.md)
     channels_last: bool = True
     log_every_steps: Count = 10  # progress lines per worker-0 steps
+    # evaluation at the end of every N-th epoch; the last epoch is always evaluated. A run that
+    # trades evaluations for training time evaluates less often (each costs a pass over val)
+    eval_every_epochs: Count = 1
+    # > 0, in place of eval_every_epochs: at the end of each epoch in which the optimizer step
+    # count passes a multiple of this (a schedule in iterations evaluates on its own axis)
+    eval_every_iters: Whole = 0
     max_steps_per_epoch: Whole = 0  # 0: the whole epoch; >0 caps it (smoke tests)
     compile: bool = False  # torch.compile the model (minutes of compilation; pays on long GPU runs)
 

@@ -211,6 +211,10 @@ def test_a_run_of_iterations_ends_inside_the_epoch_that_holds_them() -> None:
     assert (plain.epochs_for(7), plain.steps_in(11, 7)) == (12, 7)
 
 
-def test_a_holdout_needs_the_memory_source() -> None:
+def test_a_holdout_and_the_mean_image_need_the_memory_source() -> None:
     with pytest.raises(JobError, match="'data.holdout' .* needs data.source = 'memory'"):
         load_job("quickstart", ["data.holdout=10"])
+    with pytest.raises(
+        JobError, match="'pixel_mean' subtracts the mean of the training images held in memory"
+    ):
+        load_job("cifar10-resnet20", ["data.source='files'"])

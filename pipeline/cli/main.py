@@ -234,6 +234,14 @@ def submit(
     for key in ("val/top1", "val/top5", "train/loss"):
         if key in outcome.metrics:
             click.echo(f"{key}: {outcome.metrics[key]:.4f}")
+    if "time_to_target_s" in outcome.metrics:
+        reached = outcome.metrics["time_to_target_s"]
+        target = job.target_top1
+        click.echo(
+            f"time_to_target_s: {reached:.1f} (val/top1 first at or above {target}: {reached / 60:.1f} min)"
+        )
+    elif job.target_top1 and outcome.finished:
+        click.echo(f"time_to_target_s: - (val/top1 never reached {job.target_top1})")
     if outcome.registered:
         click.echo(f"registered model {outcome.registered}")
     if not outcome.finished:

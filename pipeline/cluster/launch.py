@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ def submit(
         StorageError: the run's storage cannot be written, from here or from a node of the
             cluster; DatasetError: the dataset cannot be read; nothing trained.
     """
+    submitted_at = time.time()  # where the run's clock starts (time_to_target_s)
     storage = Location(job.run.storage_path)
     storage.check_writable()
     if storage.remote and job.run.sample_log:
@@ -226,7 +228,7 @@ def submit(
 
     try:
         return _fit(job, run_name, address, index, run_id, run_dir, storage, epochs, progress_to, say,
-                    step_hook, register)  # fmt: skip
+                    step_hook, register, submitted_at)  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, as `submit` takes it): the run is KILLED, not RUNNING
         tracking.close_run(run_id, succeeded=False, interrupted=True)
         raise
@@ -245,6 +247,7 @@ def _fit(
     say: Callable[[str], None],
     step_hook: Callable[[int, int, int, Path], None] | None,
     register: bool,
+    submitted_at: float,
 ) -> Outcome:
     """`submit` from Ray on: the trainer, its fit, the registration and the run's end."""
     connect(address, log_to_driver=False)
@@ -263,6 +266,7 @@ def _fit(
             # whoever started Ray
             "tracking_env": tracking.credentials(),
             "step_hook": step_hook,
+            "submitted_at": submitted_at,
             "board": board,
             "live_bar": live,
         },

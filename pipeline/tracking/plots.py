@@ -1,6 +1,7 @@
 """Plots of a finished run, logged to it as images: `plots/curves.png` (training loss,
-validation top-1 and top-5 per epoch) and `plots/learning_rate.png` (the schedule as the run
-took it, per step), drawn from what MLflow holds; `plots/class_errors.png` (the classes the
+validation top-1 and top-5 per epoch), `plots/accuracy_vs_time.png` (validation top-1 against the
+run's wall-clock, with its target) and `plots/learning_rate.png` (the schedule as the run took it,
+per step), drawn from what MLflow holds; `plots/class_errors.png` (the classes the
 registered weights miss most, with every class's counts in `plots/class_errors.json`), drawn
 from the best checkpoint.
 
@@ -42,6 +43,8 @@ def log_plots(run_id: str) -> list[str]:
         figure.tight_layout()
         client.log_figure(run_id, figure, "plots/curves.png")
         logged.append("plots/curves.png")
+    if path := _accuracy_against_time(client, run_id):
+        logged.append(path)
     steps, lr = _series(client, run_id, "train/lr")
     if steps:
         figure = Figure(figsize=(6, 4))
@@ -52,6 +55,28 @@ def log_plots(run_id: str) -> list[str]:
         client.log_figure(run_id, figure, "plots/learning_rate.png")
         logged.append("plots/learning_rate.png")
     return logged
+
+
+def _accuracy_against_time(client: MlflowClient, run_id: str) -> str | None:
+    """Validation top-1 against the wall-clock minutes at which each evaluation ended (the
+    metric `elapsed_s` of the same epoch), with the job's target: time to accuracy, as drawn."""
+    clock = dict(series(run_id, "elapsed_s", client))
+    points = [
+        (clock[epoch] / 60, top1) for epoch, top1 in series(run_id, "val/top1", client) if epoch in clock
+    ]
+    if not points:
+        return None
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
+    axis.plot(*zip(*points), marker="o", markersize=3, label="val/top1")
+    target = float(client.get_run(run_id).data.params.get("target_top1", 0) or 0)
+    if target:
+        axis.axhline(target, color="gray", linestyle="--", label=f"target {target}")
+    axis.set(title="accuracy against wall-clock time", xlabel="minutes since submit", ylabel="top-1")
+    axis.legend()
+    figure.tight_layout()
+    client.log_figure(run_id, figure, "plots/accuracy_vs_time.png")
+    return "plots/accuracy_vs_time.png"
 
 
 def log_class_errors(

@@ -63,8 +63,10 @@ class State:
     epoch: int = 0  # the epoch in progress (or next to run, when epoch_step is 0)
     step: int = 0  # next global step (optimizer steps since the start)
     epoch_step: int = 0  # steps of `epoch` already taken: > 0 only in a mid-epoch checkpoint
-    train_s: float = 0.0  # seconds spent training and evaluating, over every attempt
-    target_reached_s: float | None = None  # train_s when val/top1 first reached job.target_top1
+    # the run's wall-clock seconds: from `submit` through every epoch of every attempt (an attempt
+    # that resumes adds its set-up, not the time the run stood still in between)
+    train_s: float = 0.0
+    target_reached_s: float | None = None  # train_s at the first evaluation at or above target_top1
 
 
 @dataclass
@@ -93,6 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
     each step as `hook(rank, world, step, run_dir)`: where tests inject faults; None otherwise),
     board: the driver's board (rank 0's lines go there; None: to stdout), and live_bar: whether
     the driver draws a bar from rank 0's progress (else rank 0 sends progress lines)."""
+    entered = time.perf_counter()
     submitted = from_dict(config["job"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -130,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
         # an attempt after a failure goes over steps an earlier one logged (after its checkpoint,
         # or from the start when the failure came before the first checkpoint): logged once
         worker.logger.skip_logged()
-    state, loader_state, scaler_state = _restore(worker) or (State(), None, None)
+    restored = _restore(worker)
+    state, loader_state, scaler_state = restored or (State(), None, None)
     ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
     step_fn = Stepper(
         torch.compile(ddp_model) if job.run.compile else ddp_model,
@@ -152,31 +156,40 @@ def train_loop_per_worker(config: dict) -> None:
     if loader_state is None and state.epoch_step:  # re-sharded mid-epoch: line up with the epoch's end
         train_loader.skip(state.epoch_step * job.optim.accumulation_steps)
 
-    for epoch in range(state.epoch, job.epochs_for(steps_per_epoch)):
+    if restored:  # the clock goes on from the checkpoint's, plus this attempt's set-up
+        state.train_s += time.perf_counter() - entered
+    else:  # a run's clock starts when `submit` did (Ray's start and the workers' set-up count)
+        state.train_s = time.time() - config.get("submitted_at", time.time())
+    last_epoch = job.epochs_for(steps_per_epoch) - 1
+    for epoch in range(state.epoch, last_epoch + 1):
         if job.crop_px_at(epoch) != crop_px:  # progressive resizing: same sample order, new size
             crop_px = job.crop_px_at(epoch)
             position = train_loader.state()
             train_loader = build_loader(
                 job, index, "train", rank, world, device, checkpoint=position, crop_px=crop_px
             )
-        started = time.perf_counter()
+        started, step_before = time.perf_counter(), state.step
         steps = job.steps_in(epoch, steps_per_epoch)
         metrics = train_one_epoch(worker, step_fn, train_loader, state, steps, steps_per_epoch)
         train_loader.end_epoch(len(train_loader) - steps * job.optim.accumulation_steps)
-        scores = evaluate(model, val_loader, device, job, len(index.classes))
-        metrics |= scores.metrics
-        per_class = {"model": scores.per_class}
-        if worker.ema is not None:
-            ema = evaluate(worker.ema.model, val_loader, device, job, len(index.classes))
-            metrics |= {"val/ema_top1": ema.metrics["val/top1"], "val/ema_top5": ema.metrics["val/top5"]}
-            per_class["ema"] = ema.per_class
+        per_class = None
+        if evaluates(job, epoch, last_epoch, step_before, state.step):
+            scores = evaluate(model, val_loader, device, job, len(index.classes))
+            metrics |= scores.metrics
+            per_class = {"model": scores.per_class}
+            if worker.ema is not None:
+                ema = evaluate(worker.ema.model, val_loader, device, job, len(index.classes))
+                metrics |= {"val/ema_top1": ema.metrics["val/top1"], "val/ema_top5": ema.metrics["val/top5"]}
+                per_class["ema"] = ema.per_class
         state.train_s += time.perf_counter() - started
-        if job.target_top1 and state.target_reached_s is None and metrics["val/top1"] >= job.target_top1:
+        reached = metrics.get("val/top1", UNSCORED) >= job.target_top1 > 0
+        if reached and state.target_reached_s is None:
             state.target_reached_s = state.train_s
         if state.target_reached_s is not None:
             metrics["time_to_target_s"] = state.target_reached_s
         state.epoch, state.epoch_step = epoch + 1, 0
         metrics["iterations"] = state.step  # where this epoch's scores stand on an iteration axis
+        metrics["elapsed_s"] = state.train_s  # and on a wall-clock axis
         if rank == 0:
             shown = (
                 "train/loss",
@@ -188,11 +201,24 @@ def train_loop_per_worker(config: dict) -> None:
             )
             log.info(f"epoch {epoch}: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
             worker.logger.log_metrics(metrics, step=epoch)
-        _save_and_report(worker, state, train_loader, metrics | {"epoch": epoch}, per_class)
+        # an epoch not evaluated ranks below every scored checkpoint (Ray keeps the latest too)
+        scored = {"val/top1": UNSCORED} | metrics
+        _save_and_report(worker, state, train_loader, scored | {"epoch": epoch}, per_class)
     if rank == 0:
         worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
         if config.get("board") is not None:
             ray.get(config["board"].flush.remote())
+
+
+def evaluates(job: Job, epoch: int, last_epoch: int, step_before: int, step_after: int) -> bool:
+    """Whether the end of `epoch` (optimizer steps `step_before` to `step_after`) is evaluated: the
+    last epoch always; else every `run.eval_every_epochs` epochs, or, with `run.eval_every_iters`,
+    the end of each epoch in which the step count passed a multiple of it."""
+    if epoch == last_epoch:
+        return True
+    if job.run.eval_every_iters:
+        return step_after // job.run.eval_every_iters > step_before // job.run.eval_every_iters
+    return (epoch + 1) % job.run.eval_every_epochs == 0
 
 
 def _checkpoint_scratch(run_dir: Location) -> Path:

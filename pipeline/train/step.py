@@ -122,7 +122,7 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, job: Job) -
 
 @dataclass(frozen=True)
 class Evaluation:
-    metrics: dict[str, float]  # val/top1, val/top5, val/loss
+    metrics: dict[str, float]  # val/top1, val/top5, val/loss, val/images (every rank's, each once)
     per_class: torch.Tensor  # [classes, 2] int64 on the CPU: each class's samples and top-1 errors
 
 
@@ -155,7 +155,8 @@ def evaluate(
         per_class[:, 0] += torch.bincount(labels, minlength=num_classes)
         per_class[:, 1] += torch.bincount(labels[~hits[:, 0]], minlength=num_classes)
     top1, top5, loss, count = all_reduce_sum(totals).tolist()
-    metrics = {"val/top1": top1 / count, "val/top5": top5 / count, "val/loss": loss / count}
+    metrics = {"val/top1": top1 / count, "val/top5": top5 / count, "val/loss": loss / count,
+               "val/images": count}  # fmt: skip
     return Evaluation(metrics, all_reduce_sum(per_class).cpu())
 
 

@@ -30,18 +30,20 @@ from pipeline.tracking import tracking_uri
 from pipeline.train import checkpoint
 
 pytestmark = pytest.mark.ray
+TEST = 37  # test images: neither the batch (8) nor the workers (2) divide it
 
 
 def test_a_cifar_recipe_trains_its_iterations_from_the_canonical_archive(ray_session, workdir: Path) -> None:
     root = workdir / "cifar10"
-    write_cifar10(root, train=64, test=32)
+    write_cifar10(root, train=64, test=TEST)
     prepare(root)
-    # 64 images in global batches of 16: 4 steps an epoch; 10 iterations end 2 steps into epoch 2
+    # 64 images in global batches of 16: 4 steps an epoch; 10 iterations end 2 steps into epoch 2;
+    # evaluated where the steps pass 8 (the end of epoch 1) and at the end (epoch 2)
     job = load_job(
         "cifar10-resnet20",
         [f"data.root='{root}'", "scaling.use_gpu=false", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
          "scaling.batch_size_per_worker=8", "data.threads_per_worker=1", "iterations=10",
-         "optim.step_iters=[6]", "run.log_every_steps=1"],
+         "optim.step_iters=[6]", "run.log_every_steps=1", "run.eval_every_iters=8", "target_top1=0.01"],
     )  # fmt: skip
     outcome = submit(job, "cifar-archive")
     assert outcome.finished, outcome.error
@@ -51,7 +53,14 @@ def test_a_cifar_recipe_trains_its_iterations_from_the_canonical_archive(ray_ses
     client = MlflowClient(tracking_uri())
     run = client.get_run(outcome.mlflow_run_id)
     assert run.data.params["model.arch"] == "cifar_resnet20" and run.data.params["data.source"] == "memory"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/top1")] == [1, 2]
+    # every test image scored once over the 2 ranks (37 = 18 + 19: neither the batch nor the ranks divide it)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "val/images")] == [TEST, TEST]
+    clock = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "elapsed_s")}
+    assert sorted(clock) == [0, 1, 2] and 0 < clock[0] < clock[1] < clock[2]
+    (reached,) = {m.value for m in client.get_metric_history(run.info.run_id, "time_to_target_s")}
+    assert reached == clock[1]  # the first evaluation at or above the target, on the run's clock
+    assert "plots/accuracy_vs_time.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
     assert lrs[1] == pytest.approx(job.peak_lr) and lrs[10] == pytest.approx(job.peak_lr / 10)  # at step 6
     errors = client.get_metric_history(run.info.run_id, "train/step_error")
@@ -93,7 +102,8 @@ def test_the_python_release_read_as_files_names_the_setting(ray_session, workdir
     write_cifar10(root, train=16, test=8)
     prepare(root)
     job = load_job(
-        "cifar10-resnet20", [f"data.root='{root}'", "data.source='files'", "scaling.use_gpu=false"]
+        "cifar10-resnet20",
+        [f"data.root='{root}'", "data.source='files'", "data.normalize='channel'", "scaling.use_gpu=false"],
     )
     with pytest.raises(DatasetError, match="python release.*set data.source='memory'"):
         submit(job, "as-files")

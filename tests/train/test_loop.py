@@ -209,3 +209,20 @@ def test_a_run_resubmitted_with_other_settings_is_refused_unless_resumed_with_al
     recorded = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/job/changed-at-step-3.json")
     assert recorded["changed"]["optim.lr_per_256"] == {"was": 0.1, "now": 0.05}
     assert run.data.params["optim.lr_per_256"] == "0.1"  # params stay as first logged
+
+
+@pytest.mark.parametrize(
+    "settings, evaluated",
+    [
+        ([], [0, 1, 2, 3, 4]),
+        (["run.eval_every_epochs=2"], [1, 3, 4]),  # the last epoch always
+        (["run.eval_every_iters=7"], [2, 4]),  # 3 steps an epoch: 7 passed in epoch 2, 14 in epoch 4 (last)
+    ],
+)
+def test_evaluation_runs_as_often_as_asked_and_always_at_the_end(settings, evaluated) -> None:
+    from pipeline.config import load_job
+    from pipeline.train.loop import evaluates
+
+    job = load_job("quickstart", settings)
+    ends = [evaluates(job, epoch, 4, 3 * epoch, 3 * epoch + 3) for epoch in range(5)]
+    assert [epoch for epoch, yes in enumerate(ends) if yes] == evaluated
