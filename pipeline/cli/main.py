@@ -109,8 +109,9 @@ def data_prepare(root: Path, workers: int | None, shards: bool, shard_size: int)
 @click.argument("root", type=click.Path(path_type=Path))
 @click.argument("uri")
 def data_upload(root: Path, uri: str) -> None:
-    """Copy ROOT's index and shards to URI (s3://BUCKET/PATH), where a cluster trains from them
-    with data.root=URI and data.source='shards'. A re-run uploads only what is missing."""
+    """Copy ROOT's index, shards and pixel arrays to URI (s3://BUCKET/PATH), where a cluster
+    trains from them with data.root=URI and data.source='shards' (or 'memory', for the pixel
+    arrays of CIFAR and other small images). A re-run uploads only what is missing."""
     from pipeline.data.upload import upload
     from pipeline.storage import StorageError
 
@@ -118,8 +119,11 @@ def data_upload(root: Path, uri: str) -> None:
         uploaded, kept = upload(root, uri)
     except (DatasetError, StorageError, FileNotFoundError) as e:
         fail(str(e))
-    click.echo(f"uploaded {uploaded} shard files and the index to {uri}/index ({kept} were there already)")
-    click.echo(f"train from it with: --set data.root='{uri}' --set data.source='shards'")
+    names = {"shards": "shard files", "memory": "pixel arrays"}
+    sent = ", ".join(f"{count} {names[kind]}" for kind, count in uploaded.items())
+    click.echo(f"uploaded {sent} and the index to {uri}/index ({kept} files were there already)")
+    sources = " or ".join(f"--set data.source='{kind}'" for kind in uploaded)
+    click.echo(f"train from it with: --set data.root='{uri}' {sources}")
 
 
 @data.command("preview")

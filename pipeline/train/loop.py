@@ -109,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
     # model, EMA, optimizer, state; the checkpoint wins over fresh initialisation
     index = load_index(config["data_root"])
     if index.root.remote and job.data.cache_dir:  # read from this node's copy (pipeline.data.cache)
-        index = load_index(stage(index.root, Path(job.data.cache_dir)))
+        index = load_index(stage(index.root, Path(job.data.cache_dir), job.data.source))
     torch.manual_seed(job.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = create_model(
         job.model.arch, num_classes=len(index.classes), zero_init_last=job.model.zero_init_last_bn

@@ -7,9 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipeline.config import load_job
 from pipeline.data.cache import stage
 from pipeline.data.index import INDEX, DatasetError, load_index
+from pipeline.data.loader import build_loader
 from pipeline.data.shards import FOLDER, first_image, read_shards, write_shards
 from pipeline.data.upload import upload
 from pipeline.storage import Location
@@ -28,7 +31,7 @@ def test_an_uploaded_dataset_reads_as_the_local_one_and_a_second_upload_sends_on
 ) -> None:
     uploaded, kept = upload(sharded, s3)
     local, remote = load_index(sharded), load_index(s3)
-    assert uploaded == len(list((sharded / INDEX / FOLDER).glob("*.tar"))) * 2 and kept == 0
+    assert uploaded == {"shards": len(list((sharded / INDEX / FOLDER).glob("*.tar"))) * 2} and kept == 0
     assert (remote.dataset_hash, remote.classes, remote.splits) == (
         local.dataset_hash,
         local.classes,
@@ -36,7 +39,7 @@ def test_an_uploaded_dataset_reads_as_the_local_one_and_a_second_upload_sends_on
     )
     assert read_shards(s3, "val")[0][0] == f"{s3}/index/shards/val-00000.tar"
     assert first_image(s3, "val") == first_image(sharded, "val")
-    assert upload(sharded, s3) == (0, uploaded)
+    assert upload(sharded, s3) == ({"shards": 0}, uploaded["shards"])
 
 
 def test_a_node_stages_a_checked_copy_once_continues_a_broken_one_and_refuses_a_corrupt_shard(
@@ -68,3 +71,44 @@ def test_a_node_stages_a_checked_copy_once_continues_a_broken_one_and_refuses_a_
     with pytest.raises(DatasetError, match=r"train-00001\.tar differs from the checksum"):
         stage(Location(s3), tmp_path / "other-node")
     assert not (tmp_path / "other-node" / load_index(sharded).dataset_hash / INDEX / "dataset.json").exists()
+
+
+def test_pixel_arrays_travel_to_a_bucket_and_a_node_stages_them_checked(tmp_path: Path, s3: str) -> None:
+    from cifar_release import write_cifar10
+
+    from pipeline.data.memory import PIXELS
+    from pipeline.data.prepare import prepare
+
+    root = tmp_path / "cifar10"
+    write_cifar10(root, train=30, test=10)  # the python release: arrays, no image files, no shards
+    prepare(root)
+    assert upload(root, s3) == ({"memory": 2}, 0)
+    assert upload(root, s3) == ({"memory": 0}, 2)  # a second upload sends the lists only
+
+    copy = stage(Location(s3), tmp_path / "cache", "memory")
+    for split in ("train", "val"):
+        name = PIXELS.format(split=split)
+        assert (copy / INDEX / name).read_bytes() == (root / INDEX / name).read_bytes()
+    assert load_index(copy).splits == load_index(root).splits
+    # what a worker does with data.root = the bucket (pipeline.train.loop): stage, then read the copy
+    job = load_job(
+        "cifar10-resnet20",
+        [
+            f"data.root='{s3}'",
+            "scaling.use_gpu=false",
+            "scaling.batch_size_per_worker=8",
+            "data.threads_per_worker=1",
+        ],
+    )
+    staged = build_loader(
+        job, load_index(stage(load_index(s3).root, tmp_path / "cache", job.data.source)), "train"
+    )
+    here = build_loader(job, load_index(root), "train")
+    for (a, _, a_ids), (b, _, b_ids) in zip(staged, here):
+        assert torch.equal(a_ids, b_ids) and torch.equal(a, b)
+    with pytest.raises(DatasetError, match="has no shards"):
+        stage(Location(s3), tmp_path / "cache", "shards")
+
+    Location(f"{s3}/index/pixels-val.npy").write_bytes(b"changed in the store")
+    with pytest.raises(DatasetError, match=r"pixels-val\.npy differs from the checksum"):
+        stage(Location(s3), tmp_path / "other-node", "memory")
