@@ -209,6 +209,30 @@ def test_bench_train_prints_its_table_and_nothing_of_its_private_runs(
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # the user's stay clean
 
 
+def test_bench_train_on_cifar_measures_the_resnet20_step_in_each_precision_against_its_bare_loop(
+    tmp_path: Path,
+) -> None:
+    from cifar_release import write_cifar10
+
+    from pipeline.data.prepare import prepare
+
+    write_cifar10(tmp_path / "cifar10", train=40, test=10)
+    prepare(tmp_path / "cifar10")
+    tiny = ["--steps", "4", "--batch", "8"]
+    result = cli("bench", "train", "--root", str(tmp_path / "cifar10"), *tiny, cwd=tmp_path, timeout_s=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line != "RAY-IMPORTED"]
+    assert lines[0].startswith("ResNet-20 step, batch 8, 2 threads")
+    rows = {line.split("  ")[0]: line.split()[-4:] for line in lines[1:]}
+    assert list(rows) == ["fp32, channels_last", "bf16 autocast, channels_last", "fp32, torch.compile"]
+    fp32 = float(rows["fp32, channels_last"][1])
+    for bare, pipeline, ratio, against_fp32 in rows.values():
+        assert float(bare) > 0 and float(pipeline) > 0
+        assert float(ratio) == pytest.approx(float(pipeline) / float(bare), rel=0.03)  # of rounded figures
+        assert float(against_fp32) == pytest.approx(float(pipeline) / fp32, rel=0.03)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # the user's stay clean
+
+
 def test_ctrl_c_during_submit_ends_the_mlflow_run_as_killed(prepared_dataset: Path, tmp_path: Path) -> None:
     import signal
 
