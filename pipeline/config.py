@@ -146,10 +146,12 @@ class Optim:
     # on CIFAR at 0.01 for about 400 iterations, then 0.1)
     warmup_shape: Literal["linear", "constant"] = "linear"
     warmup_lr_ratio: Probability = 0.1
-    schedule: Literal["cosine", "step"] = "cosine"
+    # after the warmup: cosine or linear decay to min_lr_ratio x the peak at the run's end, or
+    # x0.1 at each of step_epochs / step_iters
+    schedule: Literal["cosine", "linear", "step"] = "cosine"
     step_epochs: tuple[Whole, ...] = (30, 60, 80)  # step decay boundaries, x0.1 each (He et al. 2016)
     step_iters: tuple[Whole, ...] = ()  # in optimizer steps, in place of step_epochs (CIFAR: 32000, 48000)
-    min_lr_ratio: Probability = 0.0  # cosine floor, as a fraction of the peak
+    min_lr_ratio: Probability = 0.0  # cosine or linear floor, as a fraction of the peak
     accumulation_steps: Count = 1  # micro-batches per optimizer step; the global batch includes them
     clip_grad_norm: NonNegative = 0.0  # max global gradient norm; 0: no clipping
     ema_decay: Fraction = 0.0  # per update (torchvision's recipe: 0.99998 per step); 0: no EMA of the weights

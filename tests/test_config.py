@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from pipeline.config import JobError, from_dict, job_names, jobs_dir, load_job, parse_override, to_dict
@@ -67,7 +69,7 @@ def test_overrides_are_typed_and_derived_values_follow() -> None:
     [
         ("epochs=ten", "'epochs' must be int"),
         ("scaling.use_gpu=1", "'scaling.use_gpu' must be bool"),
-        ("optim.schedule='linear'", "must be one of"),
+        ("optim.schedule='exponential'", "must be one of"),
         ("data.scale=[0.5]", "must have 2 items"),
         ("optim", "not key=value"),
         ("data=3", "'data' is a section"),
@@ -218,3 +220,19 @@ def test_a_holdout_and_the_mean_image_need_the_memory_source() -> None:
         JobError, match="'pixel_mean' subtracts the mean of the training images held in memory"
     ):
         load_job("cifar10-resnet20", ["data.source='files'"])
+
+
+@pytest.mark.parametrize("name", [*PAPER_CIFAR, "cifar10-resnet20-fast"])
+def test_each_cifar_header_gives_a_cpu_command_that_fits_on_two_cores(name: str) -> None:
+    # the command a user copies from the header: it loads, trains on the CPU and fits 2 cores
+    from pipeline.cluster.resources import shortfall
+
+    header = (jobs_dir() / f"{name}.toml").read_text().split("description =")[0]
+    (line,) = [
+        line for line in header.splitlines() if "resnet-pipe submit" in line and "On a CPU" in line
+    ] or [line for line in header.splitlines() if line.startswith("#           resnet-pipe submit")]
+    words = shlex.split(line.split("resnet-pipe submit ", 1)[1].split(" #")[0])
+    assert words[0] == name
+    job = load_job(name, [words[i + 1] for i, word in enumerate(words) if word == "--set"])
+    assert not job.scaling.use_gpu
+    assert shortfall([job], [{"CPU": 2.0, "GPU": 0.0, "memory": 8 * 2**30}]) is None

@@ -43,7 +43,7 @@ def build_optimizer(model: nn.Module, job: Job) -> torch.optim.Optimizer:
 
 def lr_at(step: int, job: Job, steps_per_epoch: int) -> float:
     """Learning rate at global `step` (0-based): a warmup (linear from 0, or constant at a share
-    of the peak), then cosine or step decay; boundaries and lengths in epochs or in steps."""
+    of the peak), then cosine, linear or step decay; boundaries and lengths in epochs or in steps."""
     peak, opt = job.peak_lr, job.optim
     warmup = opt.warmup_iters or opt.warmup_epochs * steps_per_epoch  # in steps
     if step < warmup:
@@ -54,8 +54,10 @@ def lr_at(step: int, job: Job, steps_per_epoch: int) -> float:
         return peak * 0.1 ** sum(step / steps_per_epoch >= boundary for boundary in opt.step_epochs)
     total = job.iterations or job.epochs * steps_per_epoch
     progress = (step - warmup) / max(total - warmup, 1e-8)
-    floor = peak * opt.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    floor, progress = peak * opt.min_lr_ratio, min(progress, 1.0)
+    if opt.schedule == "linear":
+        return floor + (peak - floor) * (1 - progress)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -31,6 +31,15 @@ def test_cosine_decays_to_zero_after_warmup() -> None:
     assert lr_at(90 * STEPS - 1, job, STEPS) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_linear_decays_to_zero_after_warmup_as_the_fast_cifar_recipe_does() -> None:
+    job = load_job("cifar10-resnet20-fast")  # 0.2 at the global batch of 128, 2 epochs of warm-up
+    end = job.epochs * STEPS
+    assert job.optim.schedule == "linear" and job.peak_lr == pytest.approx(0.2)
+    assert lr_at(2 * STEPS - 1, job, STEPS) == pytest.approx(0.2)  # the warm-up's last step: the peak
+    assert lr_at(2 * STEPS + (end - 2 * STEPS) // 2, job, STEPS) == pytest.approx(0.1)
+    assert lr_at(end - 1, job, STEPS) == pytest.approx(0.2 / (end - 2 * STEPS), rel=1e-6)
+
+
 def test_step_schedule_divides_by_ten_at_each_boundary() -> None:
     job = load_job("imagenet-r50", ["optim.schedule='step'", "optim.warmup_epochs=0"])
     assert [lr_at(e * STEPS, job, STEPS) for e in (0, 29, 30, 60, 85)] == pytest.approx(
