@@ -98,7 +98,7 @@ def _bench_train_cifar(root: Path, steps: int, batch: int) -> None:
 
     from pipeline.bench.train import bench_train_cifar
 
-    pairs = bench_train_cifar(root, steps, batch)
+    pairs, on_ray = bench_train_cifar(root, steps, batch)
     threads = len(os.sched_getaffinity(0))
     print_table(
         [(f"ResNet-20 step, batch {batch}, {threads} threads", "bare loop images/s", "resnet-pipe images/s",
@@ -106,6 +106,11 @@ def _bench_train_cifar(root: Path, steps: int, batch: int) -> None:
         + [(p.name, f"{p.bare:.1f}", f"{p.pipeline:.1f}", f"{p.pipeline / p.bare:.3f}",
             f"{p.pipeline / pairs[0].pipeline:.3f}") for p in pairs]
     )  # fmt: skip
+    fp32 = pairs[0]
+    click.echo(
+        f"the fp32 bare loop as a Ray Train function: {on_ray:.1f} images/s ({on_ray / fp32.bare:.3f} x "
+        f"the bare loop): the fp32 pipeline is {fp32.pipeline / on_ray:.3f} x that"
+    )
 
 
 @bench.command("serve")

@@ -223,7 +223,8 @@ def test_bench_train_on_cifar_measures_the_resnet20_step_in_each_precision_again
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line != "RAY-IMPORTED"]
     assert lines[0].startswith("ResNet-20 step, batch 8, 2 threads")
-    rows = {line.split("  ")[0]: line.split()[-4:] for line in lines[1:]}
+    rows = {line.split("  ")[0]: line.split()[-4:] for line in lines[1:4]}
+    assert lines[4].startswith("the fp32 bare loop as a Ray Train function: ") and len(lines) == 5
     assert list(rows) == ["fp32, channels_last", "bf16 autocast, channels_last", "fp32, torch.compile"]
     fp32 = float(rows["fp32, channels_last"][1])
     for bare, pipeline, ratio, against_fp32 in rows.values():
