@@ -169,6 +169,9 @@ class Scaling:
     # a cluster with an autoscaler: how long to wait for it to add the nodes the job needs, then
     # give up (exit 2); a cluster that cannot grow is refused at once (pipeline.cluster.resources)
     wait_for_room_s: Positive = 600.0
+    # whether the cluster may add nodes (an autoscaler): "no" refuses a job it cannot hold now at
+    # once; "yes" waits up to wait_for_room_s; "auto" reads Ray's v1 autoscaler report
+    cluster_grows: Literal["auto", "yes", "no"] = "no"
     batch_size_per_worker: Count = 32  # at num_workers; fewer workers accumulate more (global batch kept)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 

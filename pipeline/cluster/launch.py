@@ -208,10 +208,10 @@ def submit(
             f"{index.root} is CIFAR's python release: its images are arrays, not files; "
             "set data.source='memory'"
         )
-    check_room([job], address, say)  # before the MLflow run: nothing half-made on a refusal
-    if cluster_address(address) is not None:
+    if cluster_address(address) is not None:  # before the MLflow run: nothing half-made on a refusal
         connect(address, log_to_driver=False)
         check_storage_on_nodes(storage)
+    check_room([job], address, say)
     run_id = tracking.open_run(job, run_name, run_dir, index.dataset_hash, parent)
     experiment = parent.experiment if parent else job.name
     say(f"MLflow run {run_id} (experiment '{experiment}', {tracking.tracking_uri()})")
@@ -383,12 +383,16 @@ def check_storage_on_nodes(storage: Location) -> None:
 
 def settings_changes(was: dict, now: dict) -> dict[str, tuple]:
     """The settings (dotted keys) whose values differ between two resolved jobs: key -> (was, now).
-    Compared as JSON holds them (a checkpoint's meta.json has lists where a job has tuples)."""
+    Compared as JSON holds them (a checkpoint's meta.json has lists where a job has tuples); a
+    setting the earlier job lacks (added since) counts only where it is not at its default."""
     before, after = (flatten(json.loads(json.dumps(job))) for job in (was, now))
+    # a setting that a newer resnet-pipe added is no change where it has its default
+    defaults = flatten(json.loads(json.dumps(to_dict(Job()))))
     return {
         key: (before.get(key), after.get(key))
         for key in sorted(before.keys() | after.keys())
         if before.get(key) != after.get(key)
+        and not (key not in before and key in defaults and after.get(key) == defaults[key])
     }
 
 

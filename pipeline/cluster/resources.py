@@ -123,16 +123,24 @@ def cluster_nodes() -> list[Node]:
     return [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
 
 
-def can_grow() -> bool:
-    """Whether the connected cluster has an autoscaler that may add nodes: its monitor reports an
-    autoscaler (Ray's autoscaler v1 in `__autoscaling_status`) or its metrics address (v2)."""
+def can_grow(setting: str = "auto") -> bool:
+    """Whether the connected cluster may add nodes: `scaling.cluster_grows` says so ("yes",
+    "no"), or with "auto", Ray's autoscaler (v1) says so in its report (`__autoscaling_status`).
+    A cluster of `ray start` nodes runs the same monitor over a read-only provider, which names
+    each node's type after the node's own id; an autoscaler with node types to launch names them
+    from its config ("ray.worker.gpu", a KubeRay worker group). Ray's autoscaler v2 cannot be
+    told apart from outside: on such a cluster set scaling.cluster_grows = "yes"."""
+    if setting != "auto":
+        return setting == "yes"
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
     status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    if status and "autoscaler_report" in json.loads(status):
-        return True
-    return bool(_internal_kv_get(b"AutoscalerMetricsAddress"))
+    report = json.loads(status).get("autoscaler_report") if status else None
+    if not report:
+        return False
+    types = report.get("node_type_mapping") or {}
+    return any(node != kind for node, kind in types.items())
 
 
 def wait_for_room(jobs: Sequence[Job], timeout_s: float, say: Callable[[str], None]) -> None:
@@ -142,8 +150,9 @@ def wait_for_room(jobs: Sequence[Job], timeout_s: float, say: Callable[[str], No
     problem = shortfall(jobs, cluster_nodes())
     if problem is None:
         return
-    if not can_grow():
-        raise NoRoom(shortfall(jobs, cluster_nodes(), "the cluster, which has no autoscaler to add nodes"))
+    if not can_grow(jobs[0].scaling.cluster_grows):
+        where = "the cluster, which has no autoscaler to add nodes (scaling.cluster_grows=yes if it has)"
+        raise NoRoom(shortfall(jobs, cluster_nodes(), where))
     from ray.autoscaler.sdk import request_resources
 
     bundles = [worker_ask(job) for job in jobs for _ in range(workers_needed(job))]

@@ -276,3 +276,21 @@ def test_a_storage_folder_the_nodes_do_not_share_is_refused_before_training(
         else []
     )
     assert runs == []  # refused before its MLflow run was made
+
+
+def test_a_job_no_node_can_hold_is_refused_at_once_on_a_cluster_without_an_autoscaler(
+    share_nothing, prepared_dataset: Path, tmp_path: Path
+) -> None:
+    # `ray start` nodes and no autoscaler: Ray Train would wait for the worker for ever
+    _, services, cluster = share_nothing
+    run = _runner(tmp_path, _environment(services, cluster))
+    root = _upload(run, prepared_dataset, tmp_path, "too-big")
+    settings = [f"data.root='{root}'", "data.source='shards'",
+                f"run.storage_path='s3://{BUCKET}/runs'", "scaling.cpus_per_worker=64"]  # fmt: skip
+    started = time.monotonic()  # from the submission
+    result = run("submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "too-big",
+                 *[word for setting in settings for word in ("--set", setting)])  # fmt: skip
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "can never hold them" in result.stdout and "has no autoscaler" in result.stdout
+    assert "--set scaling.cpus_per_worker=" in result.stdout

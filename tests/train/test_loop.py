@@ -226,3 +226,15 @@ def test_evaluation_runs_as_often_as_asked_and_always_at_the_end(settings, evalu
     job = load_job("quickstart", settings)
     ends = [evaluates(job, epoch, 4, 3 * epoch, 3 * epoch + 3) for epoch in range(5)]
     assert [epoch for epoch, yes in enumerate(ends) if yes] == evaluated
+
+
+def test_a_setting_added_since_a_checkpoint_is_no_change_at_its_default() -> None:
+    from pipeline.cluster.launch import settings_changes
+    from pipeline.config import load_job, to_dict
+
+    now = to_dict(load_job("cifar10-resnet20"))
+    older = json.loads(json.dumps(now))
+    del older["run"]["eval_every_epochs"]  # a checkpoint written before the setting existed
+    assert settings_changes(older, now) == {}
+    changed = to_dict(load_job("cifar10-resnet20", ["run.eval_every_epochs=4"]))
+    assert settings_changes(older, changed) == {"run.eval_every_epochs": (None, 4)}
