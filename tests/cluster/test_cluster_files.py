@@ -148,6 +148,7 @@ def test_the_rayjob_trains_a_job_that_loads() -> None:
     loaded = load_job(context.params["job_name"], context.params["overrides"])
     assert loaded.name == "imagenet-r152" and loaded.data.root.startswith("s3://")
     assert loaded.run.storage_path.startswith("s3://") and loaded.scaling.use_gpu
+    assert loaded.scaling.cluster_grows == "yes"  # its worker pods may join after the job starts
     gpus = sum(
         int(group["replicas"])
         * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
