@@ -46,7 +46,9 @@ def bench_data(root: str, seconds: float, workers: int | None, crop_px: int, bat
     root = Path(root)
     if not root.is_dir():
         fail(f"{root} does not exist (give --root a folder of JPEGs or a prepared dataset)")
-    if (root / "index" / "pixels-train.npy").is_file():
+    from pipeline.data.memory import has_pixels
+
+    if has_pixels(root):
         from pipeline.bench.data import bench_data_memory
 
         rows, wait = bench_data_memory(root, seconds, workers, batch)
@@ -82,9 +84,10 @@ def bench_train(root: Path, steps: int | None, batch: int | None, crop_px: int) 
     """The whole training pipeline against a bare PyTorch loop, images/s: ResNet-50, or on CIFAR
     the paper's ResNet-20 in fp32, bf16 autocast and compiled."""
     from pipeline.bench.train import bench_train as run
+    from pipeline.data.memory import has_pixels
 
     check_prepared(root)
-    if (root / "index" / "pixels-train.npy").is_file():
+    if has_pixels(root):
         _bench_train_cifar(root, steps or 50, batch or 128)
         return
     results = run(root, steps or 12, batch or 16, crop_px)

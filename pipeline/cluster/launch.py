@@ -203,7 +203,7 @@ def submit(
             f"a dataset on an object store ({index.root}) is read from its shards: set data.source='shards'"
             " (or 'memory', for the pixel arrays of small images)"
         )
-    if index.layout.endswith("-python") and job.data.source != "memory":
+    if index.arrays_only and job.data.source != "memory":
         raise DatasetError(
             f"{index.root} is CIFAR's python release: its images are arrays, not files; "
             "set data.source='memory'"
@@ -226,37 +226,12 @@ def submit(
             return Outcome(True, meta["metrics"], run_id, run_dir)
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
-    try:
-        return _fit(job, run_name, address, index, run_id, run_dir, storage, epochs, progress_to, say,
-                    step_hook, register, submitted_at)  # fmt: skip
-    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, as `submit` takes it): the run is KILLED, not RUNNING
-        tracking.close_run(run_id, succeeded=False, interrupted=True)
-        raise
-
-
-def _fit(
-    job: Job,
-    run_name: str,
-    address: str | None,
-    index: Index,
-    run_id: str,
-    run_dir: Location,
-    storage: Location,
-    epochs: int,
-    progress_to: TextIO | None,
-    say: Callable[[str], None],
-    step_hook: Callable[[int, int, int, Path], None] | None,
-    register: bool,
-    submitted_at: float,
-) -> Outcome:
-    """`submit` from Ray on: the trainer, its fit, the registration and the run's end."""
-    connect(address, log_to_driver=False)
-    _record_hardware(run_id)
-    board = _on_this_node(Board).remote() if progress_to is not None else None
-    live = progress_to is not None and progress_to.isatty()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    with _killed_on_interrupt(run_id):  # Ctrl-C (or SIGTERM, as `submit` takes it): KILLED, not RUNNING
+        connect(address, log_to_driver=False)
+        _record_hardware(run_id)
+        board = _on_this_node(Board).remote() if progress_to is not None else None
+        live = progress_to is not None and progress_to.isatty()
+        loop_config = {
             "job": to_dict(job),
             "data_root": index.root.uri,
             "run_dir": run_dir.uri,
@@ -269,7 +244,26 @@ def _fit(
             "submitted_at": submitted_at,
             "board": board,
             "live_bar": live,
-        },
+        }
+        trainer = _trainer(job, run_name, storage, loop_config)
+        view = ProgressView(board, epochs, progress_to, live) if board else contextlib.nullcontext()
+        try:
+            with view:
+                result = _fit_off_the_main_thread(trainer)
+            error = str(result.error) if result.error else None
+            metrics = dict(result.metrics or {})
+        except Exception as e:  # Ray Train V2 raises on a failed run
+            error, metrics = f"{type(e).__name__}: {e}", {}
+        registered = _register(job, run_id, run_dir, index, say) if error is None and register else None
+        tracking.close_run(run_id, succeeded=error is None)
+        return Outcome(error is None, metrics, run_id, run_dir, error, registered)
+
+
+def _trainer(job: Job, run_name: str, storage: Location, loop_config: dict) -> TorchTrainer:
+    """The Ray Train trainer of run `run_name`: the job's workers, its failures and checkpoints."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             # a range makes the run elastic: it starts with what it gets, within the range, and
@@ -295,17 +289,17 @@ def _fit(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # our progress lines, not Ray's
         ),
     )
-    view = ProgressView(board, epochs, progress_to, live) if board else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _killed_on_interrupt(run_id: str):
+    """Ends MLflow run `run_id` KILLED when the block is interrupted (KeyboardInterrupt), then
+    lets the interruption go on."""
     try:
-        with view:
-            result = _fit_off_the_main_thread(trainer)
-        error = str(result.error) if result.error else None
-        metrics = dict(result.metrics or {})
-    except Exception as e:  # Ray Train V2 raises on a failed run
-        error, metrics = f"{type(e).__name__}: {e}", {}
-    registered = _register(job, run_id, run_dir, index, say) if error is None and register else None
-    tracking.close_run(run_id, succeeded=error is None)
-    return Outcome(error is None, metrics, run_id, run_dir, error, registered)
+        yield
+    except KeyboardInterrupt:
+        tracking.close_run(run_id, succeeded=False, interrupted=True)
+        raise
 
 
 def check_room(jobs: list[Job], address: str | None, say: Callable[[str], None] = print) -> None:

@@ -69,14 +69,14 @@ def shortfall(jobs: Sequence[Job], nodes: Sequence[Node], where: str = "the clus
 
 def _amounts(node: Node, keys: Node) -> str:
     """`{"CPU": 4, "GPU": 1}` as "4 CPUs and 1 GPU", in the keys of `keys`."""
-    words = {"CPU": "CPU", "GPU": "GPU", "memory": "GiB of memory"}
     parts = []
     for key in keys:
         value = node.get(key, 0.0)
-        if key == "memory":
-            parts.append(f"{value / 2**30:.1f} GiB of memory")
-        else:
-            parts.append(f"{value:g} {words[key]}{'s' * (value != 1)}")
+        parts.append(
+            f"{value / 2**30:.1f} GiB of memory"
+            if key == "memory"
+            else f"{value:g} {key}{'s' * (value != 1)}"
+        )
     return " and ".join(parts)
 
 

@@ -68,7 +68,6 @@ def stage(root: Location, cache_dir: Path, source: str = "shards") -> Path:
         log.info(f"staging {len(todo)} of {len(sums)} {what} files of {root} into {local}")
         with ThreadPoolExecutor(PARALLEL) as pool:
             list(pool.map(lambda name: _fetch(root, local, under(folder, name), sums[name]), todo))
-        complete.unlink(missing_ok=True)
         (local / INDEX / manifest_path).write_text(manifest)
         for name in LISTS:
             (local / INDEX / name).write_bytes((root / INDEX / name).read_bytes())

@@ -32,6 +32,11 @@ class Index:
     dataset_hash: str
     layout: str = ""  # as `data prepare` found it: "folders", ..., "cifar-10-python"
 
+    @property
+    def arrays_only(self) -> bool:
+        """CIFAR's python release: its images are arrays (`pixels-*.npy`), with no image files."""
+        return self.layout.endswith("-python")
+
     def files(self, split: str) -> list[str]:
         return [path for path, _ in self.splits[split]]
 

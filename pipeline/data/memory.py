@@ -32,6 +32,11 @@ PIXELS = "pixels-{split}.npy"  # written by `pipeline.data.prepare`
 HOLDOUT_SEED = 0  # which training images `data.holdout` sets aside: the same in every run
 
 
+def has_pixels(root: Location | str, split: str = "train") -> bool:
+    """Whether the prepared dataset at `root` holds `split` as a pixel array."""
+    return (Location(root) / INDEX / PIXELS.format(split=split)).is_file()
+
+
 @functools.cache
 def load_pixels(root: Location, split: str, dataset_hash: str) -> np.ndarray:
     """The split's images, N x H x W x 3 uint8, in the order of its index; read once per process

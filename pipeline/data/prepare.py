@@ -43,9 +43,9 @@ from tqdm import tqdm
 from pipeline.data.decode import FedPipeline, decode_pipeline
 from pipeline.data.index import INDEX, DatasetError
 from pipeline.data.layouts import SPLITS, Layout, LayoutError, read_layout
+from pipeline.data.memory import PIXELS
 
 MANIFEST = "manifest.jsonl"
-PIXELS = "pixels-{split}.npy"
 MEMORY_MAX_PX = 64  # images up to this size (per side) are also kept as arrays, for `source = "memory"`
 
 

@@ -42,7 +42,7 @@ def write_shards(index: Index, samples_per_shard: int = SHARD_SAMPLES) -> dict[s
     Returns:
         split -> the shard file names, in reading order.
     """
-    if index.layout.endswith("-python"):
+    if index.arrays_only:
         raise DatasetError(
             f"{index.root} is CIFAR's python release: its images are arrays, not files, and train from "
             "memory (data.source = 'memory'); shards hold image files, so none are written. `data upload` "

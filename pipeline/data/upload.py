@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline.data.index import INDEX, DatasetError, load_index
-from pipeline.data.memory import PIXELS
+from pipeline.data.memory import PIXELS, has_pixels
 from pipeline.data.shards import FOLDER, read_shards, sha256
 from pipeline.storage import Location
 
@@ -39,10 +39,10 @@ def under(folder: str, name: str) -> str:
 def pixel_manifest(root: Path) -> dict | None:
     """Writes (and returns) ROOT/index/pixels.json for the pixel arrays of the current index;
     None when the dataset has none."""
+    if not (has_pixels(root, "train") and has_pixels(root, "val")):
+        return None
     local = root / INDEX
     names = [PIXELS.format(split=split) for split in ("train", "val")]
-    if not all((local / name).is_file() for name in names):
-        return None
     digest = json.loads((local / "dataset.json").read_text())["hash"]
     manifest = {"hash": digest, "sha256": {name: sha256(local / name) for name in names}}
     (local / PIXELS_MANIFEST).write_text(json.dumps(manifest, indent=1))

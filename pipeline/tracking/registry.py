@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import Job, to_dict
 from pipeline.data.contract import MEAN_IMAGE, contract
-from pipeline.data.index import INDEX, Index
-from pipeline.data.memory import PIXELS, load_pixels, training_mean
+from pipeline.data.index import Index
+from pipeline.data.memory import has_pixels, load_pixels, training_mean
 from pipeline.data.shards import first_image
 from pipeline.tracking import quiet_mlflow, runs_named, tracking_at, tracking_uri
 from pipeline.tracking.plots import log_class_errors, log_plots
@@ -155,7 +155,7 @@ def _example_image(index: Index) -> bytes:
     image = index.root / index.files("val")[0]
     if image.is_file():
         return image.read_bytes()
-    if (index.root / INDEX / PIXELS.format(split="val")).is_file():
+    if has_pixels(index.root, "val"):
         encoded = io.BytesIO()
         Image.fromarray(load_pixels(index.root, "val", index.dataset_hash)[0]).save(encoded, format="PNG")
         return encoded.getvalue()
