@@ -242,3 +242,29 @@ def s3(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     return f"s3://bucket/{uuid.uuid4().hex[:8]}"
+
+
+def register_untrained(job, run_name: str, seed: int = 0):
+    """Registers `job`'s network with freshly initialised weights as a model version, the way a
+    finished run registers its best checkpoint (`pipeline.tracking.registry.register`), without
+    training it: for tests of what comes after the registry (export, serving). Returns the
+    ModelVersion; the MLflow store is the working folder's."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.data.index import load_index
+    from pipeline.models import create_model
+    from pipeline.tracking import registry, tracking_uri
+
+    index = load_index(job.data.root)
+    torch.manual_seed(seed)
+    model = create_model(job.model.arch, num_classes=len(index.classes))
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(run_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(run_name)
+    run = client.create_run(experiment_id, run_name=run_name)
+    client.log_param(run.info.run_id, "data.normalize", job.data.normalize)
+    state = {"model": model.state_dict(), "metrics": {"val/top1": 0.0}}
+    version = registry.register(run.info.run_id, state, "untrained", job, index)
+    client.set_terminated(run.info.run_id)
+    return version

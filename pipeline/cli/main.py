@@ -15,7 +15,7 @@ import click
 from pipeline.cli.bench import bench
 from pipeline.cli.common import check_prepared, fail, load_job_or_fail, print_table
 from pipeline.cli.models import models
-from pipeline.cli.serving import deploy, predict, promote, ui
+from pipeline.cli.serving import deploy, export, predict, promote, ui
 from pipeline.cli.study import study
 from pipeline.cluster.address import NoTrackingServer, cluster_address, is_job_server, tracking_server
 from pipeline.config import flatten, job_names, to_dict
@@ -417,5 +417,5 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
-for command in (promote, ui, deploy, predict, bench, study, models):
+for command in (promote, ui, export, deploy, predict, bench, study, models):
     main.add_command(command)

@@ -59,6 +59,66 @@ def ui(port: int, host: str) -> None:
 
 @click.command()
 @click.argument("target", required=False, metavar="[MODEL@ALIAS | MODEL/VERSION | RUN]")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL-vVERSION[-int8].onnx here."
+)
+@click.option(
+    "--opset", type=int, default=None, help="The ONNX opset (default: 18, read by every current runtime)."
+)
+@click.option(
+    "--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+    help="int8: ONNX Runtime's static quantization, calibrated on training images, measured on val images.",
+)  # fmt: skip
+@click.option(
+    "--data", "data_root", default=None, help="The model's dataset, where data.root is not it here."
+)
+@click.option(
+    "--val-images", type=int, default=None, help="Measure int8 on this many validation images (default: all)."
+)
+def export(
+    target: str | None, fmt: str, out: Path | None, opset: int | None, precision: str,
+    data_root: str | None, val_images: int | None,
+) -> None:  # fmt: skip
+    """Export a registered version as an ONNX graph (dynamic batch, fp32 NCHW input, logits out),
+    checked with ONNX Runtime against PyTorch on the model's validation images; logged to the
+    version's run in MLflow's onnx flavor and named by the version's tags."""
+    from pipeline.serve import export as exporting
+    from pipeline.tracking import registry
+
+    try:
+        version, _ = registry.serving_version(target)
+        suffix = "" if precision == "fp32" else f"-{precision}"
+        out = out or Path(f"{version.name}-v{version.version}{suffix}.onnx")
+        exported = exporting.export(
+            f"{version.name}/{version.version}", precision, out, opset or exporting.OPSET, data_root,
+            val_images, say=click.echo,
+        )  # fmt: skip
+    except (registry.RegistryError, exporting.ExportError) as e:
+        fail(str(e))
+    click.echo(
+        f"exported {exported.name}/{exported.version} ({exported.precision}, opset {exported.opset}) to "
+        f"{exported.path}; in the registry: {exported.uri}"
+    )
+
+
+@click.command()
+@click.argument("target", required=False, metavar="[MODEL@ALIAS | MODEL/VERSION | RUN]")
+@click.option(
+    "--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+    help="auto: ONNX Runtime on a CPU (the faster exact one there), PyTorch on a GPU.",
+)  # fmt: skip
+@click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+    help="bf16: PyTorch autocast; int8: ONNX Runtime, quantized. Measured against fp32 before serving.",
+)  # fmt: skip
+@click.option(
+    "--max-accuracy-loss", type=float, default=0.5, show_default=True,
+    help="Refuse a lower precision that loses more validation top-1 than this, in points.",
+)  # fmt: skip
+@click.option(
+    "--data", "data_root", default=None, help="The model's dataset, where data.root is not it here."
+)
 @click.option("--replicas", default="1", show_default=True, help="A number, or 'auto' (autoscaling).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback by default).")
 @click.option("--port", default=8000, show_default=True)
@@ -85,13 +145,21 @@ def deploy(
     cpus_per_replica: float | None,
     gpus_per_replica: float | None,
     address: str | None,
+    runtime: str,
+    precision: str,
+    max_accuracy_loss: float,
+    data_root: str | None,
 ) -> None:
     """Serve a registered model over HTTP with Ray Serve (default: the champion of the most
     recently updated model); it follows the alias: a promotion or rollback switches versions.
     Set RESNET_PIPE_SERVE_TOKEN to require `Authorization: Bearer <token>`."""
+    import torch
+
     from pipeline.cluster import serving
     from pipeline.cluster.address import cluster_address
+    from pipeline.serve import export as exporting
     from pipeline.serve.client import ServeError
+    from pipeline.serve.runtimes import RuntimeChoiceError, choose
     from pipeline.serve.settings import Settings
     from pipeline.tracking import registry
 
@@ -104,6 +172,12 @@ def deploy(
     try:
         serving.check_address(cluster_address(address))  # before anything starts
         version, alias = registry.serving_version(target)
+        # the replicas' device: a cluster's is known once it is joined, so there "auto" stays for the
+        # replica to choose (an fp32 graph it lacks, it exports itself)
+        gpu = gpus_per_replica > 0 if gpus_per_replica is not None else torch.cuda.is_available()
+        if runtime != "auto" or precision != "fp32" or cluster_address(address) is None:
+            runtime, precision = choose(runtime, precision, torch.device("cuda" if gpu else "cpu"))
+            exporting.ensure(version, runtime, precision, max_accuracy_loss, data_root, say=click.echo)
         settings = Settings(
             model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",
             replicas=replicas if replicas == "auto" else int(replicas),
@@ -112,11 +186,13 @@ def deploy(
             max_batch_size=max_batch_size,
             batch_wait_ms=batch_wait_ms,
             compile=compile_model,
+            runtime=runtime,
+            precision=precision,
         )
         if _terminated.is_set():  # its KeyboardInterrupt swallowed (`_interrupt`): no Ray to start
             raise KeyboardInterrupt
         url = serving.start(settings, host, port, address)
-    except (registry.RegistryError, ServeError) as e:
+    except (registry.RegistryError, ServeError, exporting.ExportError, RuntimeChoiceError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         _stop(address)
@@ -130,10 +206,13 @@ def deploy(
         _stop(address)
         return
     following = f", following {version.name}@{alias}" if alias else ""
-    click.echo(f"serving {version.name} version {version.version}{following} at {url}")
     click.echo(
-        f"  POST {url}/predict (an image), {url}/predict/batch (a form); API: {url}/docs; "
-        "Ctrl-C or SIGTERM stops"
+        f"serving {version.name} version {version.version}{following} at {url} ({runtime}, {precision})"
+    )
+    click.echo(
+        f"  POST {url}/predict (an image), {url}/predict/batch (a form), "
+        f"{url}/v2/models/{version.name}/infer (Open Inference Protocol), {url}/invocations (MLflow); "
+        f"API: {url}/docs; Ctrl-C or SIGTERM stops"
     )
     try:
         while not _terminated.wait(3600):

@@ -95,14 +95,26 @@ class Loaded:
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the model, eager
     sizes: tuple[int, ...] = ()  # the batch sizes `forward` was compiled for
     mean_image: np.ndarray | None = None  # data.normalize = "pixel_mean": the training images' mean
+    runtime: str = "torch"  # or "onnxruntime" (pipeline.serve.runtimes)
+    precision: str = "fp32"  # "bf16": torch's autocast; "int8": ONNX Runtime's quantized graph
 
     @classmethod
-    def from_registry(cls, name: str, version: str, device: torch.device, raw: bool = False) -> "Loaded":
+    def from_registry(
+        cls, name: str, version: str, device: torch.device, raw: bool = False,
+        runtime: str = "torch", precision: str = "fp32", threads: int | None = None,
+    ) -> "Loaded":  # fmt: skip
         """The version's model in the job's memory format (`raw`: in PyTorch's default one,
-        for `resnet-pipe bench serve`'s raw row)."""
+        for `resnet-pipe bench serve`'s raw row), run by `runtime` in `precision`: ONNX
+        Runtime runs the version's graph of that precision from the registry
+        (`pipeline.serve.export`), an fp32 graph not yet exported is exported here.
+
+        Raises:
+            ValueError: an int8 graph that was never exported.
+        """
         import json
 
         import mlflow
+        from mlflow.tracking import MlflowClient
         from safetensors.torch import load_file
 
         from pipeline.config import from_dict
@@ -121,14 +133,40 @@ class Loaded:
             model.load_state_dict(load_file(folder / "model.safetensors"))
             mean_file = folder / MEAN_IMAGE
             mean_image = np.load(mean_file) if mean_file.is_file() else None
-        model = model.to(device).eval()
-        channels_last = job.run.channels_last and not raw
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
         classes = [(wnid, label) for _, wnid, label in rows]
-        return cls(name, str(version), model, classes, job, device, channels_last, mean_image=mean_image)
+        model.eval()
+        loaded = cls(
+            name, str(version), model, classes, job, device, False, mean_image=mean_image,
+            runtime=runtime, precision=precision,
+        )  # fmt: skip
+        if runtime == "onnxruntime":
+            from pipeline.serve import export
+            from pipeline.serve.runtimes import OnnxForward
+
+            tags = MlflowClient().get_model_version(name, version).tags
+            uri = export.replica_graph(tags, precision)
+            if uri is not None:
+                graph = Path(mlflow.artifacts.download_artifacts(uri)).read_bytes()
+            elif precision == "fp32":  # exact: the same weights, exported here (deploy exports it first)
+                graph = export.to_onnx(model, job.data.val_crop_px, export.metadata(loaded, "fp32"))
+            else:
+                raise ValueError(
+                    f"{name}/{version} has no {precision} ONNX graph: `resnet-pipe export {name}/{version} "
+                    f"--precision {precision}` makes one (or `resnet-pipe deploy` does, first)"
+                )
+            loaded.forward = OnnxForward(graph, device, threads or torch.get_num_threads())
+        loaded.model = model.to(device)
+        if job.run.channels_last and not raw:
+            loaded.model, loaded.channels_last = model.to(memory_format=torch.channels_last), True
+        return loaded
 
     def compile(self, max_batch: int, threads: int) -> bool:
+        """`_compile` for PyTorch; ONNX Runtime optimizes its graph as its session starts."""
+        if self.runtime != "torch":
+            return False
+        return self._compile(max_batch, threads)
+
+    def _compile(self, max_batch: int, threads: int) -> bool:
         """Compiles the forward pass with `torch.compile` (inductor, the weights frozen into the
         graph) for each batch size of `padded_sizes(max_batch)`, now, so that no request waits
         for a compilation: a batch then runs padded to the next of these sizes. `threads`: the
@@ -156,6 +194,8 @@ class Loaded:
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities on the CPU, with validation's precision (bf16 autocast on a GPU
         unless the job says otherwise; fp32 on the CPU)."""
+        if self.runtime == "onnxruntime":
+            return self.forward(batch).softmax(dim=1).cpu()
         count = len(batch)
         size = next((s for s in self.sizes if s >= count), None)
         if size is None:  # not compiled, or a batch beyond the compiled sizes
@@ -165,7 +205,8 @@ class Loaded:
         return self._forward(self.forward, batch)[:count]
 
     def _forward(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast(self.device, autocast_dtype(self.job, self.device)):
+        dtype = torch.bfloat16 if self.precision == "bf16" else autocast_dtype(self.job, self.device)
+        with torch.inference_mode(), autocast(self.device, dtype):
             # The compiled graph's guards tell an inference tensor (what a replica's batches are,
             # made under inference_mode) from an ordinary one (compile's examples), and compile
             # anew for the kind they have not seen: the first request of each batch size waited

@@ -30,6 +30,9 @@ class Settings:
     max_batch_size: int = 8
     batch_wait_ms: float = 20.0  # how long a batch waits to fill
     compile: bool = True  # torch.compile each version's forward pass as it loads (Loaded.compile)
+    runtime: str = "auto"  # torch | onnxruntime | auto (pipeline.serve.runtimes.choose)
+    precision: str = "fp32"  # bf16 (torch) | int8 (onnxruntime, a graph exported first)
+    max_items: int = 64  # images or tensor rows in one /v2 or /invocations request
     max_ongoing_requests: int = 32  # per replica; beyond it requests queue ...
     max_queued_requests: int = 64  # ... and beyond this the proxy answers 503 at once
     max_body_bytes: int = 20 * 2**20
