@@ -28,7 +28,6 @@ Preprocessing is `pipeline.data.loader.serve_pipeline`: the same DALI graph as v
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import threading
@@ -46,7 +45,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline import system
 from pipeline.serve import protocols
 from pipeline.serve.client import TOKEN_ENV
-from pipeline.serve.inference import BadImage, Loaded, Preprocess, check_image, prediction, warmup_image
+from pipeline.serve.inference import (
+    BadImage,
+    Loaded,
+    Preprocess,
+    check_image,
+    prediction,
+    scoring_row,
+    warmup_image,
+)  # fmt: skip
 from pipeline.serve.runtimes import choose
 from pipeline.serve.settings import Settings, replica_resources
 from pipeline.tracking import registry
@@ -400,12 +407,6 @@ class Classifier:
                 "webp) or a multipart form",
             )
         return [("body", await request.body())]
-
-
-def scoring_row(loaded: Loaded, row: torch.Tensor, top_k: int) -> dict:
-    """One image's answer as the registered pyfunc gives it (deploy/mlflow_model.py)."""
-    best = prediction(loaded, row, top_k)["predictions"]
-    return best[0] | {"top_k": json.dumps(best)}
 
 
 def app(settings: dict | None = None):

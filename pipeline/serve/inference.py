@@ -13,6 +13,7 @@ transform, and the answer for one image. The Serve app (deploy/serve_app.py) and
 
 import functools
 import io
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -111,8 +112,6 @@ class Loaded:
         Raises:
             ValueError: an int8 graph that was never exported.
         """
-        import json
-
         import mlflow
         from mlflow.tracking import MlflowClient
         from safetensors.torch import load_file
@@ -274,6 +273,13 @@ def prediction(loaded: Loaded, probabilities: torch.Tensor, top_k: int) -> dict:
         for p, i in zip(top.values.tolist(), top.indices.tolist())
     ]
     return {"model": loaded.name, "version": loaded.version, "predictions": predictions}
+
+
+def scoring_row(loaded: Loaded, probabilities: torch.Tensor, top_k: int) -> dict:
+    """One image's answer as the registered pyfunc model gives it (deploy/mlflow_model.py), for
+    /invocations: the top class's fields, and the top-k as JSON."""
+    best = prediction(loaded, probabilities, top_k)["predictions"]
+    return best[0] | {"top_k": json.dumps(best)}
 
 
 def warmup_image() -> bytes:

@@ -231,7 +231,7 @@ def _fp32_elements(data, shape: list[int]) -> np.ndarray:
         array = np.frombuffer(data, dtype="<f4")
     else:
         try:
-            array = np.asarray(data, dtype=np.float32)
+            array = _finite_fp32(data)
         except (ValueError, TypeError):
             raise ProtocolError(
                 400, "FP32 data must be numbers (a flat list, or nested to the shape)"
@@ -241,6 +241,12 @@ def _fp32_elements(data, shape: list[int]) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ProtocolError(400, "the tensor holds NaN or Inf: send finite values")
     return array.reshape(shape).astype(np.float32, copy=True)
+
+
+def _finite_fp32(values) -> np.ndarray:
+    """JSON numbers as float32; one past float32's range becomes Inf (refused by the caller)."""
+    wide = np.asarray(values, dtype=np.float64)
+    return np.where(np.abs(wide) > np.finfo(np.float32).max, np.inf, wide).astype(np.float32)
 
 
 def _outputs(header: dict, request: InferRequest) -> None:
@@ -335,7 +341,7 @@ def parse_invocations(body: bytes, limits: Limits) -> tuple[list[bytes] | None, 
     if not isinstance(value, list) or not value:
         raise ProtocolError(400, "the request holds no image: send at least one")
     try:
-        array = np.asarray(value, dtype=np.float32)
+        array = _finite_fp32(value)
     except (ValueError, TypeError):
         raise ProtocolError(400, "inputs are base64 images or a tensor N x 3 x H x W of numbers") from None
     expected = (3, limits.crop_px, limits.crop_px)
