@@ -219,10 +219,15 @@ def quantize_int8(fp32: bytes, calibration: Iterator[torch.Tensor]) -> bytes:
 
 def torch_forward(loaded: Loaded, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The registered PyTorch model's logits, in fp32 or under bf16 autocast."""
+    return torch_forward_of(loaded.model, precision)
 
+
+def torch_forward_of(
+    model: torch.nn.Module, precision: str = "fp32"
+) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-            return loaded.model(batch).float()
+            return model(batch).float()
 
     return forward
 
@@ -360,8 +365,8 @@ def _log(version, precision: str, graph: bytes, opset: int, accuracy: Accuracy |
 
 def _tag_accuracy(client, version, accuracy: Accuracy) -> None:
     value = {
-        "top1": round(accuracy.top1, 6),
-        "fp32_top1": round(accuracy.fp32_top1, 6),
+        "top1": accuracy.top1,
+        "fp32_top1": accuracy.fp32_top1,
         "images": accuracy.images,
     }
     key = ACCURACY_TAG.format(runtime=accuracy.runtime, precision=accuracy.precision)
