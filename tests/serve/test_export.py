@@ -191,7 +191,8 @@ def test_a_cifar_version_exports_with_its_mean_image(workdir: Path) -> None:
 
 def test_export_names_what_is_wrong_and_exits_2(workdir: Path) -> None:
     shown = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "export", "no-such-model/1"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pipeline.cli", "export", "no-such-model/1"],
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert shown.returncode == 2 and shown.stderr.startswith("error: ") and "Traceback" not in shown.stderr, (
         shown

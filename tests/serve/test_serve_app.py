@@ -6,6 +6,7 @@ a quick 503; a promotion during a stream of requests switches versions without f
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import damaged_huffman_marker, small_job
+from conftest import damaged_huffman_marker, open_inference_answers, small_job
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -385,3 +386,118 @@ def test_the_deploy_command_serves_until_sigterm_then_stops_cleanly(served) -> N
     # and a new deploy may take it at once: the requests' closed connections (TIME_WAIT, a
     # minute) once made the check refuse it
     serving.check_port_free("127.0.0.1", port)
+
+
+def _preprocessed(job, images: list[bytes]) -> np.ndarray:
+    """The evaluation transform of `images` on this machine: what a client that preprocesses
+    itself sends as the FP32 input."""
+    from pipeline.serve.inference import Preprocess
+
+    return Preprocess(job, len(images), torch.device("cpu"), threads=1)(images).numpy()
+
+
+def test_tritonclient_and_mlflows_client_get_the_answers_of_predict(served, prepared_dataset: Path) -> None:
+    import pandas as pd
+    import tritonclient.http as triton
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    url, job, _ = served
+    index = load_index(prepared_dataset)
+    images = [(prepared_dataset / f).read_bytes() for f in index.files("val")[:8]]
+    direct = [_post(f"{url}/predict", image)[1]["predictions"][0] for image in images]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("resnet50")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    described = client.get_model_metadata("resnet50", _champion())
+    assert described["outputs"][0]["shape"] == [-1, len(index.classes)]
+    assert described["platform"] == "onnxruntime_onnx"  # a CPU's default runtime
+
+    for count in (1, 8):  # one image, and a batch
+        by_image, by_tensor = open_inference_answers(
+            url, "resnet50", images[:count], _preprocessed(job, images[:count]), auth
+        )  # fmt: skip
+        for answers in (by_image, by_tensor):
+            assert answers.argmax(1).tolist() == [d["class_index"] for d in direct[:count]]
+            assert np.allclose(answers.max(1), [d["probability"] for d in direct[:count]], atol=1e-4)
+
+    encoded = triton.InferInput("image", [2], "BYTES")  # in JSON: base64 text, an image being no UTF-8
+    as_text = [base64.b64encode(i).decode() for i in images[:2]]
+    encoded.set_data_from_numpy(np.array(as_text, dtype=np.object_), binary_data=False)
+    top = triton.InferRequestedOutput("probabilities", binary_data=False, class_count=2)
+    # a dict of its own: tritonclient writes the binary requests' header length into the one it is given
+    labels = client.infer("resnet50", [encoded], outputs=[top], headers=dict(auth)).as_numpy("probabilities")
+    assert [str(row[0]).split(":")[1] for row in labels] == [str(d["class_index"]) for d in direct[:2]]
+
+    scoring = ScoringServerClient("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    scoring.ping()
+    frame = pd.DataFrame({"image": [base64.b64encode(i).decode() for i in images[:3]]})
+    request = urllib.request.Request(
+        f"{url}/invocations", data=json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode(),
+        headers={"Content-Type": "application/json"} | auth,
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        rows = json.loads(answer.read())["predictions"]
+    assert [r["class_index"] for r in rows] == [d["class_index"] for d in direct[:3]]
+    assert json.loads(rows[0]["top_k"])[0]["name"] == direct[0]["name"]
+
+
+def _raw(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {TOKEN}"} | headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_bad_requests_to_the_new_routes_get_4xx_json_and_the_replica_stays_healthy(served) -> None:
+    url, job, _ = served
+    model = f"{url}/v2/models/resnet50"
+    crop = job.data.val_crop_px
+    as_json = {"Content-Type": "application/json"}
+
+    def tensor(datatype="FP32", shape=(1, 3, crop, crop), data=None) -> bytes:
+        data = data if data is not None else [0.0] * int(np.prod(shape))
+        return json.dumps(
+            {"inputs": [{"name": "input", "datatype": datatype, "shape": list(shape), "data": data}]}
+        ).encode()
+
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 99}}
+            ]
+        }
+    ).encode()
+
+    def length(size: int) -> dict:
+        return {"Inference-Header-Content-Length": str(size)}
+
+    many = json.dumps(
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [10_000], "data": ["AA=="] * 10_000}]}
+    )
+    many = many.encode()
+    cases = {
+        "wrong datatype": (f"{model}/infer", tensor("INT8"), as_json, 400),
+        "wrong shape": (f"{model}/infer", tensor(shape=(1, 3, crop + 1, crop)), as_json, 400),
+        "NaN": (f"{model}/infer", tensor(data=[float("nan")] * 3 * crop * crop), as_json, 400),
+        "a lying binary_data_size": (f"{model}/infer", header + b"\x03\0\0\0abc", length(len(header)), 400),
+        "a header length past the body": (f"{model}/infer", header, length(100_000), 400),
+        "no item": (f"{model}/infer", tensor(shape=(0, 3, crop, crop)), as_json, 400),
+        "10,000 items": (f"{model}/infer", many, as_json, 413),
+        "unknown model": (f"{url}/v2/models/resnet9/infer", tensor(), as_json, 404),
+        "unknown version": (f"{model}/versions/999/infer", tensor(), as_json, 404),
+        "a body over the limit": (f"{model}/infer", b"{" + b" " * (16 * 2**20 + 10) + b"}", as_json, 413),
+        "scoring: not JSON": (f"{url}/invocations", b"<xml/>", as_json, 400),
+        "scoring: no input": (f"{url}/invocations", b'{"inputs": []}', as_json, 400),
+        "scoring: 10,000 items": (f"{url}/invocations", json.dumps({"inputs": ["AA"] * 10**4}).encode(), as_json, 413),
+        "scoring: a wrong content type": (f"{url}/invocations", b"x", {"Content-Type": "text/csv"}, 415),
+        "scoring: not an image": (f"{url}/invocations", b'{"instances": ["bm90IGFu"]}', as_json, 415),
+    }  # fmt: skip
+    for case, (where, body, headers, expected) in cases.items():
+        status, answer = _raw(where, body, headers)
+        assert status == expected and answer.get("error"), (case, status, answer)
+    assert _healthy(url)["status"] == "ok"
+    status, _ = _raw(f"{model}/infer", tensor(), as_json)
+    assert status == 200
