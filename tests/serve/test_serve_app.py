@@ -477,7 +477,7 @@ def test_bad_requests_to_the_new_routes_get_4xx_json_and_the_replica_stays_healt
     many = json.dumps(
         {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [10_000], "data": ["AA=="] * 10_000}]}
     )
-    many = many.encode()
+    many, scoring_many = many.encode(), json.dumps({"inputs": ["AA=="] * 10_000}).encode()
     cases = {
         "wrong datatype": (f"{model}/infer", tensor("INT8"), as_json, 400),
         "wrong shape": (f"{model}/infer", tensor(shape=(1, 3, crop + 1, crop)), as_json, 400),
@@ -491,7 +491,7 @@ def test_bad_requests_to_the_new_routes_get_4xx_json_and_the_replica_stays_healt
         "a body over the limit": (f"{model}/infer", b"{" + b" " * (16 * 2**20 + 10) + b"}", as_json, 413),
         "scoring: not JSON": (f"{url}/invocations", b"<xml/>", as_json, 400),
         "scoring: no input": (f"{url}/invocations", b'{"inputs": []}', as_json, 400),
-        "scoring: 10,000 items": (f"{url}/invocations", json.dumps({"inputs": ["AA"] * 10**4}).encode(), as_json, 413),
+        "scoring: 10,000 items": (f"{url}/invocations", scoring_many, as_json, 413),
         "scoring: a wrong content type": (f"{url}/invocations", b"x", {"Content-Type": "text/csv"}, 415),
         "scoring: not an image": (f"{url}/invocations", b'{"instances": ["bm90IGFu"]}', as_json, 415),
     }  # fmt: skip
