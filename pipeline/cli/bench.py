@@ -142,23 +142,31 @@ def bench_serve(
     batch: int,
     batch_wait_ms: float,
 ) -> None:
-    """The Serve deployment against `mlflow models serve` (same model, same cores), with the
-    raw batched forward pass as the ceiling: requests/s and latency."""
+    """The Serve deployment in each runtime and precision (PyTorch fp32 and bf16, ONNX Runtime
+    fp32 and int8; /predict and the Open Inference Protocol's binary requests) against `mlflow
+    models serve` (same model, same cores), each against its own bare forward pass and against
+    PyTorch's raw fp32 one: requests/s, latency, and top-1 agreement with fp32 on the photos."""
     from pipeline.bench.serve import bench_serve as run
 
     check_prepared(root)
     if images is not None and not images.is_dir():
         fail(f"--images {images} is not a folder of images")
+    from pipeline.bench.serve import ceiling_of
+
     rows = run(root, images, model, seconds, clients, batch, batch_wait_ms)
-    table = [("serving", "per s", "p50 ms", "p99 ms", "failed", "x ceiling", "x mlflow")]
+    table = [("serving", "per s", "p50 ms", "p99 ms", "failed", "x own ceiling", "x PyTorch ceiling",
+              "x mlflow", "top-1 as fp32")]  # fmt: skip
     for row in rows:
+        own = ceiling_of(row, rows) if not row.ceiling else None
         table.append((
             row.name, f"{row.per_s:.2f}",
             f"{row.p50_ms:.0f}" if row.p50_ms is not None else "-",
             f"{row.p99_ms:.0f}" if row.p99_ms is not None else "-",
             str(row.failed),
+            f"{row.per_s / own.per_s:.3f}" if own is not None else "-",
             f"{row.per_s / rows[0].per_s:.3f}" if row.against_ceiling else "-",
-            f"{row.per_s / rows[-1].per_s:.2f}" if row.against_ceiling else "-",
+            f"{row.per_s / rows[-1].per_s:.2f}" if row.against_ceiling and not row.ceiling else "-",
+            f"{row.agreement:.3f}" if row.agreement is not None else "-",
         ))  # fmt: skip
     print_table(table)
 

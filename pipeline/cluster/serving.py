@@ -25,21 +25,30 @@ def start(
     returns its URL once every replica has loaded the model."""
     from ray import serve
 
-    from pipeline import tracking
     from pipeline.cluster.launch import connect
 
     address = check_address(cluster_address(address))
     if address is None:  # a Ray of our own: the port is on this machine
         check_port_free(host, port)
     connect(address, log_to_driver)  # deploy shows Serve's lines; a benchmark, only its table
+    serve.start(http_options={"host": host, "port": port})
+    run(settings)
+    return f"http://{host}:{port}"
+
+
+def run(settings: Settings) -> None:
+    """(Re)deploys the app on the Serve that `start` started, at the same address: a new
+    setting replaces the replicas once the new ones have loaded."""
+    from ray import serve
+
+    from pipeline import tracking
+
     settings = replace(
         settings,
         tracking_uri=settings.tracking_uri or tracking.tracking_uri(),
         tracking_env=tracking.credentials(),
     )
-    serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}"
 
 
 def check_address(address: str | None) -> str | None:

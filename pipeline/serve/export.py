@@ -128,6 +128,22 @@ def dataset_images(job, split: str, count: int | None, root: str | None = None, 
     return [(index.root / index.files(split)[row]).read_bytes() for row in rows], labels
 
 
+def check_images(loaded: Loaded, data_root: str | None, say: Callable[[str], None]) -> list[bytes]:
+    """What the fp32 check runs on: CHECK_IMAGES validation images of the model's dataset, or,
+    where this machine cannot read it, the input example registered with the version (a
+    validation image): a deployment needs no dataset."""
+    try:
+        return dataset_images(loaded.job, "val", CHECK_IMAGES, data_root)[0]
+    except ExportError as e:
+        import mlflow
+        from mlflow.models import Model
+
+        folder = mlflow.artifacts.download_artifacts(f"models:/{loaded.name}/{loaded.version}")
+        example = Model.load(folder).load_input_example(folder)
+        say(f"{e}; checking on the version's registered input example instead")
+        return list(example["image"])
+
+
 def batches(loaded: Loaded, images: list[bytes], threads: int) -> Iterator[torch.Tensor]:
     """The evaluation transform of `images` (serving's DALI preprocessing), BATCH at a time."""
     preprocess = Preprocess(loaded.job, BATCH, torch.device("cpu"), threads, loaded.mean_image)
@@ -283,7 +299,7 @@ def export(
     version, _ = registry.serving_version(target)
     loaded = Loaded.from_registry(version.name, str(version.version), torch.device("cpu"), raw=True)
     threads = torch.get_num_threads()
-    images, _ = dataset_images(loaded.job, "val", CHECK_IMAGES, data_root)
+    images = check_images(loaded, data_root, say)
     inputs = list(batches(loaded, images, threads))
     fp32 = to_onnx(loaded.model, loaded.job.data.val_crop_px, metadata(loaded, "fp32"), opset)
     largest, differ = parity(

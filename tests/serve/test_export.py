@@ -125,6 +125,13 @@ def test_a_registered_version_exports_with_its_channel_normalisation(
     preprocessing = _check_exported_version(version, images, tolerance=1e-3)
     assert preprocessing["normalize"] == "channel" and preprocessing["crop_px"] == 32
 
+    # where the dataset cannot be read (a machine that only deploys), the check runs on the
+    # version's registered input example; int8 needs the dataset and says so
+    elsewhere = export.export(f"{version.name}/{version.version}", data_root=str(workdir / "gone"), say=print)
+    assert elsewhere.checked_images == 1 and elsewhere.max_difference < export.PARITY
+    with pytest.raises(export.ExportError, match="give its folder with --data ROOT"):
+        export.export(f"{version.name}/{version.version}", "int8", data_root=str(workdir / "gone"), say=print)
+
     # int8: calibrated, measured against fp32 on the validation images, kept beside it
     exported = export.export(f"{version.name}/{version.version}", precision="int8", say=print)
     accuracy = exported.accuracy
