@@ -13,3 +13,10 @@ One package per concern; data flows one way, and a package imports only those be
     models     the models we build, registered into timm's registry
     config     the job schema and its loader; system: how threads share the cores
 """
+
+import os
+
+# ONNX Runtime's official builds (1.30 on) send usage telemetry to Microsoft on Linux too, and
+# leave a session file (/tmp/.ses) behind, unless this is set before it starts: a serving node
+# sends nothing anywhere but to its clients. Set it to 0 to let ONNX Runtime report.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

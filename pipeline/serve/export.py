@@ -18,31 +18,26 @@ top-1 beside fp32's on the same images (`accuracy/onnxruntime-int8`, `accuracy/t
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipeline.data.contract import contract
+from pipeline.serve.graph import OPSET, URI_TAG, metadata, to_onnx
 from pipeline.serve.inference import Loaded, Preprocess
 from pipeline.serve.runtimes import OnnxForward
 
-OPSET = 18  # ONNX Runtime 1.14 and later (2023) and every current runtime read it
 PARITY = 1e-4  # fp32: the largest difference in probability allowed against PyTorch
 CHECK_IMAGES = 64  # validation images the fp32 check runs on
 CALIBRATION_IMAGES = 300  # training images that set int8's activation ranges
 MAX_LOSS_POINTS = 0.5  # a lower precision's largest top-1 loss that `deploy` accepts, in points
 BATCH = 16
 ARTIFACT = "onnx-{precision}"  # the run's artifact folder of each graph, MLflow's onnx flavor
-URI_TAG = "onnx/{precision}"  # the version tag naming it: runs:/RUN/onnx-fp32
 ACCURACY_TAG = "accuracy/{runtime}-{precision}"  # {"top1": ..., "fp32_top1": ..., "images": ...}
 OPSET_TAG = "onnx/opset"
 
@@ -151,53 +146,7 @@ def batches(loaded: Loaded, images: list[bytes], threads: int) -> Iterator[torch
         yield preprocess(images[start : start + BATCH])
 
 
-# ---- the graph --------------------------------------------------------------------------------
-
-
-def metadata(loaded: Loaded, precision: str) -> dict[str, str]:
-    """What a runtime needs beside the graph: the preprocessing, with the mean image's values
-    where the model subtracts one, and the classes."""
-    preprocessing = contract(loaded.job.data)
-    if loaded.mean_image is not None:
-        preprocessing["mean_image"] = np.round(loaded.mean_image.astype(np.float64), 4).tolist()  # H x W x 3
-    return {
-        "resnet_pipe.model": f"{loaded.name}/{loaded.version}",
-        "resnet_pipe.precision": precision,
-        "resnet_pipe.preprocessing": json.dumps(preprocessing),
-        "resnet_pipe.classes": json.dumps([list(c) for c in loaded.classes]),
-    }
-
-
-def to_onnx(model: torch.nn.Module, crop_px: int, properties: dict[str, str], opset: int = OPSET) -> bytes:
-    """`model` (fp32, NCHW, eval mode) as an ONNX graph with a dynamic batch axis.
-
-    TorchScript's exporter: the dynamo exporter gives the same graph but took 94 s for the
-    1,202-layer CIFAR net where this one took 7 (2 cores); the dynamo one where it is gone."""
-    import onnx
-
-    example = torch.zeros(2, 3, crop_px, crop_px)
-    with tempfile.TemporaryDirectory(prefix="resnet-pipe-onnx-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            try:
-                torch.onnx.export(
-                    model, (example,), path, dynamo=False,
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names,
-                )  # fmt: skip
-            except (TypeError, RuntimeError):  # a torch without the TorchScript exporter
-                batch = torch.export.Dim("batch")
-                torch.onnx.export(
-                    model, (example,), path, dynamo=True, external_data=False,
-                    dynamic_shapes=({0: batch},), **names,
-                )  # fmt: skip
-        graph = onnx.load(path)
-    graph.producer_name = "resnet-pipe"
-    for key, value in properties.items():
-        graph.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(graph)
-    return graph.SerializeToString()
+# ---- int8 ----------------------------------------------------------------------------------------
 
 
 def quantize_int8(fp32: bytes, calibration: Iterator[torch.Tensor]) -> bytes:
@@ -443,9 +392,3 @@ def ensure(
             f"with --max-accuracy-loss"
         )
     return accuracy
-
-
-def replica_graph(version_tags: dict, precision: str) -> str | None:
-    """The artifact URI of the version's ONNX graph in `precision`, as a replica fetches it."""
-    uri = version_tags.get(URI_TAG.format(precision=precision))
-    return f"{uri}/model.onnx" if uri else None

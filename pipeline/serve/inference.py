@@ -139,15 +139,15 @@ class Loaded:
             runtime=runtime, precision=precision,
         )  # fmt: skip
         if runtime == "onnxruntime":
-            from pipeline.serve import export
+            from pipeline.serve.graph import metadata, replica_graph, to_onnx
             from pipeline.serve.runtimes import OnnxForward
 
             tags = MlflowClient().get_model_version(name, version).tags
-            uri = export.replica_graph(tags, precision)
+            uri = replica_graph(tags, precision)
             if uri is not None:
                 graph = Path(mlflow.artifacts.download_artifacts(uri)).read_bytes()
             elif precision == "fp32":  # exact: the same weights, exported here (deploy exports it first)
-                graph = export.to_onnx(model, job.data.val_crop_px, export.metadata(loaded, "fp32"))
+                graph = to_onnx(model, job.data.val_crop_px, metadata(loaded, "fp32"))
             else:
                 raise ValueError(
                     f"{name}/{version} has no {precision} ONNX graph: `resnet-pipe export {name}/{version} "

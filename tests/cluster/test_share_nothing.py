@@ -4,6 +4,7 @@ the cluster by the `resnet-pipe` commands a user types."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -169,7 +170,8 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
         served = _predict_when_up(url, image, deploy)
         print(f"deploy answered after {time.monotonic() - started:.0f} s")
     finally:
-        os.killpg(deploy.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # gone already: its output is in the error
+            os.killpg(deploy.pid, signal.SIGTERM)
         output = deploy.communicate(timeout=120)[0]
     best = served["predictions"][0]
     assert (served["model"], served["version"]) == ("resnet18", "1"), output[-3000:]
@@ -249,7 +251,11 @@ def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen) -> dict:
             with urllib.request.urlopen(request, timeout=30) as answer:
                 return json.loads(answer.read())
         except OSError:
-            if deploy.poll() is not None or time.monotonic() > deadline:
+            if deploy.poll() is not None:
+                raise AssertionError(
+                    f"deploy exited {deploy.returncode}:\n{deploy.stdout.read()[-4000:]}"
+                ) from None
+            if time.monotonic() > deadline:
                 raise
             time.sleep(2)
 
