@@ -268,7 +268,11 @@ def test_ctrl_c_during_submit_ends_the_mlflow_run_as_killed(prepared_dataset: Pa
         else:
             pytest.fail("no progress line before the command ended:\n" + "".join(seen[-40:]))
         process.send_signal(signal.SIGINT)  # Ctrl-C: the terminal sends it to the foreground command
-        rest, _ = process.communicate(timeout=120)
+        try:
+            rest, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired as e:
+            shown = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or ""
+            pytest.fail("still running 120 s after Ctrl-C:\n" + "".join(seen[-10:]) + shown[-4000:])
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
