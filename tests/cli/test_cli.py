@@ -258,6 +258,9 @@ def test_ctrl_c_during_submit_ends_the_mlflow_run_as_killed(prepared_dataset: Pa
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # as a terminal's foreground command has it: a suite started in the background of a
+        # non-interactive shell (`make test &`) ignores SIGINT, and passes the ignoring on
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     try:
