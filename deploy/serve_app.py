@@ -274,8 +274,7 @@ class Classifier:
                 raise answer
         versions = {loaded.version for loaded, _ in answers}
         if len(versions) > 1:  # a reload between batches: one version answers the whole request
-            loaded, _ = self.current
-            return loaded, (await self._many(images, None))[1]
+            return await self._many(images, None)
         return answers[0][0], torch.stack([row for _, row in answers])
 
     def _limits(self) -> protocols.Limits:
