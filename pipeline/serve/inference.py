@@ -160,12 +160,6 @@ class Loaded:
         return loaded
 
     def compile(self, max_batch: int, threads: int) -> bool:
-        """`_compile` for PyTorch; ONNX Runtime optimizes its graph as its session starts."""
-        if self.runtime != "torch":
-            return False
-        return self._compile(max_batch, threads)
-
-    def _compile(self, max_batch: int, threads: int) -> bool:
         """Compiles the forward pass with `torch.compile` (inductor, the weights frozen into the
         graph) for each batch size of `padded_sizes(max_batch)`, now, so that no request waits
         for a compilation: a batch then runs padded to the next of these sizes. `threads`: the
@@ -173,7 +167,10 @@ class Loaded:
 
         ResNet-50 on 2 CPU cores, batch 4: 1.2x the images/s of the eager channels_last pass
         (docs/benchmarks.md), for 5 to 10 s of compilation per size. It needs a C++ compiler on
-        the CPU: where it fails, this logs why and the version answers in eager mode (False)."""
+        the CPU: where it fails, this logs why and the version answers in eager mode (False).
+        ONNX Runtime optimizes its graph as its session starts: nothing to compile (False)."""
+        if self.runtime != "torch":
+            return False
         compiled = torch.compile(
             self.model, dynamic=False, options={"freezing": True, "cpp.threads": threads}
         )  # fmt: skip
