@@ -193,6 +193,9 @@ class Run:
     max_failures: Annotated[int, Range(-1)] = 0  # Ray Train retries from the last checkpoint; -1: no end
     keep_checkpoints: Count = 2  # the best k by val/top1 are kept in storage, plus always the latest
     checkpoint_every_steps: Whole = 0  # also mid-epoch, every N global steps (0: at epoch ends only)
+    # how long a checkpoint upload keeps retrying (with backoff) an object store that refuses or
+    # does not answer, training on meanwhile; past it the run fails, its last whole checkpoint kept
+    storage_outage_s: Annotated[float, Range(1)] = 600.0
     sample_log: bool = False  # each rank appends the sample ids of every batch to <run>/samples/
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # NHWC: faster for tensor cores (about 1.2x for ResNet-50 with AMP) and for oneDNN's CPU

@@ -10,10 +10,15 @@ checkpoints with. Object stores are reached with their SDK's standard settings
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.fs as pafs
+
+T = TypeVar("T")
 
 
 class StorageError(OSError):
@@ -191,3 +196,37 @@ class Location:
                 else "check the path and its permissions"
             )
             raise StorageError(f"cannot write to {self.uri}: {str(e).splitlines()[0]}; {hint}") from e
+
+
+def patiently(action: Callable[[], T], what: str, give_up_s: float, say: Callable[[str], None]) -> T:
+    """`action()`, tried again while it fails with OSError (a store that refuses, drops the
+    connection or times out), after 1 s, then twice as long each time up to 30 s, for up to
+    `give_up_s`. An outage is told in two lines whatever its retries: when it starts, and when
+    the store answers again.
+
+    Raises:
+        StorageError: the store failed for `give_up_s`; one line, naming `what` and the last error.
+    """
+    first_failure, wait_s = None, 1.0
+    while True:
+        try:
+            done = action()
+        except OSError as e:
+            # pyarrow's S3 errors say "AWS Error NETWORK_CONNECTION ..." on their first line
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0].replace("AWS Error ", "")
+            now = time.monotonic()
+            if first_failure is None:
+                first_failure = now
+                say(f"warning: the object store did not take {what} ({said}); retrying for {give_up_s:.0f} s")
+            elif now - first_failure + wait_s > give_up_s:
+                raise StorageError(
+                    f"the object store did not take {what} for {now - first_failure:.0f} s ({said}): "
+                    "the run stops, its last whole checkpoint kept (run.storage_outage_s sets the wait)"
+                ) from None
+            time.sleep(wait_s)
+            wait_s = min(wait_s * 2, 30.0)
+            continue
+        if first_failure is not None:
+            outage_s = time.monotonic() - first_failure
+            say(f"the object store answers again after {outage_s:.0f} s: {what} stored")
+        return done

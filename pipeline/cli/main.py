@@ -200,6 +200,7 @@ def submit(
             check_storage(job)
         except ClusterError as e:
             fail(str(e))
+        _attach_if_running(address, run_name or job.name, follow)
     _check_storage(job, resume, remote)
     if address is not None:
         try:
@@ -251,6 +252,29 @@ def submit(
     if not outcome.finished:
         click.echo(f"error: training failed: {outcome.error}", err=True)
         sys.exit(1)
+    if outcome.left_undone:  # said as warnings already, with the command that completes each
+        click.echo(
+            "error: the run finished training, but its end is not complete (see the warnings)", err=True
+        )
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run")
+def register(run: str) -> None:
+    """Register finished run RUN (name or MLflow run id) whose registration failed when it ended
+    (its object store or MLflow was down), and end its MLflow run FINISHED."""
+    from pipeline.cluster.finish import FinishError, register_run
+    from pipeline.tracking import TrackingError
+
+    try:
+        outcome = register_run(run)
+    except (FinishError, TrackingError, DatasetError) as e:
+        fail(str(e))
+    if outcome.left_undone:
+        click.echo("error: not registered (see the warning above)", err=True)
+        sys.exit(1)
+    click.echo(f"registered model {outcome.registered}")
 
 
 def _check_storage(job, resume: str | None, remote: bool) -> None:
@@ -284,14 +308,54 @@ def _submit_remote(address: str, job_name: str, overrides, flags: list[str], job
         _follow(address, submission_id)
 
 
+def _attach_if_running(address: str, run_name: str, follow: bool) -> None:
+    """A run the cluster is training now (its `submit` was killed, or another terminal submitted
+    it) is not submitted a second time: this follows it (with `follow`) or says how, and exits."""
+    from pipeline.cluster import jobs as cluster
+
+    running = cluster.running_job(address, run_name)
+    if running is None:
+        return
+    click.echo(f"run '{run_name}' is running already as {running} on {address}: not submitted again")
+    if follow:
+        _follow(address, running)
+    click.echo(f"follow it with: resnet-pipe logs {running} --follow --address {address}")
+    sys.exit(0)
+
+
 def _follow(address: str | None, submission_id: str) -> None:
+    """Streams the job's log until it ends, then says its outcome from what the run stored (MLflow,
+    else the run's result.json), not from the log's last lines, which Ray's tail can drop."""
     from pipeline.cluster import jobs as cluster
 
     for chunk in cluster.follow(address, submission_id):
         click.echo(chunk, nl=False)
     final = cluster.status(address, submission_id)
     click.echo(f"{submission_id}: {final.value}")
+    _say_result(cluster.client(address).get_job_info(submission_id).metadata or {})
     sys.exit(0 if final.value == "SUCCEEDED" else 1)
+
+
+def _say_result(metadata: dict[str, str]) -> None:
+    """The outcome of the run a job trained (its metadata names the job and the run), as MLflow
+    holds it, else as the run's folder does."""
+    from pipeline.cluster.finish import stored_outcome
+
+    if not {"job", "run"} <= metadata.keys():
+        return  # a job that resnet-pipe did not submit
+    found, where = stored_outcome(metadata["job"], metadata["run"], metadata.get("storage_path"))
+    if found is None:
+        click.echo(f"result: {where}")
+        return
+    click.echo(f"result of run '{metadata['run']}' ({where}): {found['status']}")
+    click.echo(f"MLflow run id: {found['mlflow_run_id']}")
+    for key in ("val/top1", "val/top5", "train/loss", "time_to_target_s"):
+        if key in found["metrics"]:
+            click.echo(f"{key}: {found['metrics'][key]:.4f}")
+    if found["registered"]:
+        click.echo(f"registered model {found['registered']}")
+    elif found["status"] == "FINISHED":
+        click.echo(f"not registered: {found.get('registration') or 'no registered version'}")
 
 
 ADDRESS_HELP = "The job server, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)."

@@ -100,13 +100,24 @@ def submit_remote(address: str, job_name: str, overrides: tuple[str, ...], flags
                     "excludes": EXCLUDES,
                     "env_vars": {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]},
                 },
-                metadata={"job": job_name, "run": flags[1]},
+                # what `status`, `logs --follow` and a second `submit` of the run find it by
+                metadata={"job": job_name, "run": flags[1], "storage_path": job.run.storage_path},
             )
         except RuntimeError as e:
             # a head that has just started answers before its job agent is up: "try again later"
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
+
+
+def running_job(address: str | None, run_name: str) -> str | None:
+    """The submission id of a job of the cluster that is training run `run_name` now (pending or
+    running), or None."""
+    live = {JobStatus.PENDING, JobStatus.RUNNING}
+    for info in client(address).list_jobs():
+        if info.status in live and (info.metadata or {}).get("run") == run_name:
+            return info.submission_id
+    return None
 
 
 def follow(address: str | None, submission_id: str) -> Iterator[str]:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -17,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -28,6 +28,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import system, tracking
 from pipeline.cluster import resources
 from pipeline.cluster.address import cluster_address
+from pipeline.cluster.finish import Outcome, finish, finish_again, planned_epochs
 from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import DatasetError, Index, load_index
 from pipeline.storage import Location, StorageError
@@ -58,16 +59,6 @@ SERVE_SIDE_PORTS = (
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
 )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    finished: bool
-    metrics: dict[str, float]
-    mlflow_run_id: str
-    run_dir: Location  # the run's folder in storage: its checkpoints, local or on an object store
-    error: str | None = None
-    registered: str | None = None  # "resnet50 version 3 (val/top1 0.945000)": what the registry got
 
 
 class SettingsChanged(ValueError):
@@ -221,9 +212,8 @@ def submit(
             tracking.record_changes(run_id, changes, step=meta["step"])
             say(f"resuming with changed settings, recorded in the MLflow run: {', '.join(changes)}")
         if meta["epoch"] >= epochs and meta["epoch_step"] == 0:
-            say(f"run '{run_name}' already finished {epochs} epochs; nothing to do")
-            tracking.close_run(run_id, succeeded=True)
-            return Outcome(True, meta["metrics"], run_id, run_dir)
+            say(f"run '{run_name}' already finished {epochs} epochs; nothing to train")
+            return finish_again(job, run_name, run_id, run_dir, index, meta["metrics"], register, say)
         say(f"resuming run '{run_name}' from {latest} (epoch {meta['epoch']})")
 
     with _killed_on_interrupt(run_id):  # Ctrl-C (or SIGTERM, as `submit` takes it): KILLED, not RUNNING
@@ -238,8 +228,9 @@ def submit(
             "tracking_uri": tracking.tracking_uri(),
             "mlflow_run_id": run_id,
             # rank 0 logs with the driver's credentials (a server with basic auth or a token),
-            # whoever started Ray
-            "tracking_env": tracking.credentials(),
+            # whoever started Ray; through Ray's object store, so that the config Ray Train
+            # shows in the dashboard (its runs' settings) holds a reference, not the password
+            "tracking_env": ray.put(tracking.credentials()),
             "step_hook": step_hook,
             "submitted_at": submitted_at,
             "board": board,
@@ -250,13 +241,19 @@ def submit(
         try:
             with view:
                 result = _fit_off_the_main_thread(trainer)
-            error = str(result.error) if result.error else None
+            error = root_cause(str(result.error)) if result.error else None
             metrics = dict(result.metrics or {})
         except Exception as e:  # Ray Train V2 raises on a failed run
-            error, metrics = f"{type(e).__name__}: {e}", {}
-        registered = _register(job, run_id, run_dir, index, say) if error is None and register else None
-        tracking.close_run(run_id, succeeded=error is None)
-        return Outcome(error is None, metrics, run_id, run_dir, error, registered)
+            error, metrics = root_cause(f"{type(e).__name__}: {e}"), {}
+        return finish(job, run_name, run_id, run_dir, index, error, metrics, register, say)
+
+
+def root_cause(error: str) -> str:
+    """One line for a failed run: the last `SomeError: message` line of what Ray Train raised
+    (its text holds each failed worker's traceback, the cause last), else its first line."""
+    lines = error.strip().splitlines()
+    causes = [line.strip() for line in lines if re.match(r"^\s*[\w.]*(Error|Exception|Interrupt): ", line)]
+    return causes[-1] if causes else (lines[0] if lines else error)
 
 
 def _trainer(job: Job, run_name: str, storage: Location, loop_config: dict) -> TorchTrainer:
@@ -298,7 +295,8 @@ def _killed_on_interrupt(run_id: str):
     try:
         yield
     except KeyboardInterrupt:
-        tracking.close_run(run_id, succeeded=False, interrupted=True)
+        with contextlib.suppress(tracking.TrackingError):  # the interruption is what the user sees
+            tracking.close_run(run_id, succeeded=False, interrupted=True)
         raise
 
 
@@ -388,37 +386,6 @@ def settings_changes(was: dict, now: dict) -> dict[str, tuple]:
         if before.get(key) != after.get(key)
         and not (key not in before and key in defaults and after.get(key) == defaults[key])
     }
-
-
-def planned_epochs(job: Job, index: Index) -> int:
-    """The epochs `job` trains on `index`: its `epochs`, or as many as hold its `iterations`."""
-    if not job.iterations:
-        return job.epochs
-    images = len(index.splits["train"]) - job.data.holdout
-    if job.data.train_images:
-        images = min(images, job.data.train_images)
-    steps = images // job.global_batch_size
-    if job.run.max_steps_per_epoch:
-        steps = min(steps, job.run.max_steps_per_epoch)
-    return job.epochs_for(max(steps, 1))
-
-
-def _register(
-    job: Job, run_id: str, run_dir: Location, index: Index, say: Callable[[str], None]
-) -> str | None:
-    """The run's plots, and its best scored checkpoint into the model registry; returns what was
-    registered. A failure here is reported, and the trained run stands."""
-    from pipeline.tracking import registry
-
-    best = checkpoint.best(run_dir)
-    if best is None:
-        return None
-    try:
-        version = registry.publish(run_id, checkpoint.load(best), best.uri, job, index)
-    except (registry.RegistryError, OSError) as e:
-        say(f"warning: the run finished but its model was not registered: {e}")
-        return None
-    return f"{version.name} version {version.version} (val/top1 {version.tags['val/top1']})"
 
 
 def _on_this_node(actor_class):

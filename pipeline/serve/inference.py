@@ -118,6 +118,7 @@ class Loaded:
 
         from pipeline.config import from_dict
         from pipeline.models import create_model
+        from pipeline.tracking.registry import check_weights
 
         # fetched into a folder that goes once the weights are in memory: a replica leaves no copy
         # of the model on its node's disk
@@ -129,6 +130,8 @@ class Loaded:
                 row.split("\t") for row in (folder / "classes.tsv").read_text(encoding="utf-8").splitlines()
             ]
             model = create_model(job.model.arch, num_classes=len(rows))
+            tags = MlflowClient().get_model_version(name, version).tags
+            check_weights(name, str(version), (folder / "model.safetensors").read_bytes(), tags)
             model.load_state_dict(load_file(folder / "model.safetensors"))
             mean_file = folder / MEAN_IMAGE
             mean_image = np.load(mean_file) if mean_file.is_file() else None
@@ -142,7 +145,6 @@ class Loaded:
             from pipeline.serve.graph import metadata, replica_graph, to_onnx
             from pipeline.serve.runtimes import OnnxForward
 
-            tags = MlflowClient().get_model_version(name, version).tags
             uri = replica_graph(tags, precision)
             if uri is not None:
                 graph = Path(mlflow.artifacts.download_artifacts(uri)).read_bytes()

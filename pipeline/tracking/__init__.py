@@ -238,10 +238,60 @@ def record_changes(run_id: str, changes: dict[str, tuple], step: int) -> None:
     client.set_tag(run_id, "settings_changed", f"{earlier}; {entry}" if earlier else entry)
 
 
-def close_run(run_id: str, succeeded: bool, interrupted: bool = False) -> None:
-    """Ends the run FINISHED or FAILED; KILLED when the user `interrupted` it (Ctrl-C)."""
+@contextlib.contextmanager
+def bounded_retries(retries: int = 2):
+    """In this block MLflow's client retries a failing request `retries` times (after 2 s, then
+    4 s) instead of its default 7 (about 2 minutes a request): the end of a run makes tens of
+    requests, and a server that is down must cost minutes, not an hour. A user's own
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES wins."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(retries)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def unanswered(wait_s: float, every_s: float = 5.0) -> str | None:
+    """None once the tracking server answers, tried every `every_s` for up to `wait_s`; else what
+    it last said (one line)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with bounded_retries(0):
+                MlflowClient(tracking_uri()).search_experiments(max_results=1)
+            return None
+        except (MlflowException, OSError) as e:
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if time.monotonic() + every_s > deadline:
+            return f"MLflow ({tracking_uri()}) did not answer for {wait_s:.0f} s: {said}"
+        time.sleep(every_s)
+
+
+def close_run(
+    run_id: str, succeeded: bool, interrupted: bool = False, tags: dict[str, str] | None = None
+) -> None:
+    """Ends the run FINISHED or FAILED; KILLED when the user `interrupted` it (Ctrl-C); sets
+    `tags` first.
+
+    Raises:
+        TrackingError: MLflow could not be reached or refused; the run stays as it was.
+    """
     status = RunStatus.KILLED if interrupted else RunStatus.FINISHED if succeeded else RunStatus.FAILED
-    MlflowClient(tracking_uri()).set_terminated(run_id, status=RunStatus.to_string(status))
+    client = MlflowClient(tracking_uri())
+    try:
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status=RunStatus.to_string(status))
+    except (MlflowException, OSError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrackingError(
+            f"MLflow ({tracking_uri()}) could not be told that run {run_id} ended "
+            f"{RunStatus.to_string(status)}: {first_line}"
+        ) from e
 
 
 class RunLogger:

@@ -14,6 +14,7 @@ first, so that a rollback knows where to go back to.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -43,6 +44,7 @@ from pipeline.tracking.plots import log_class_errors, log_plots
 CHAMPION = "champion"
 PREPROCESSING_TAG = "preprocessing"  # the version's evaluation transform (pipeline.data.contract), JSON
 HISTORY_TAG = "champion_history"
+WEIGHTS_TAG = "weights_sha256"  # of the version's model.safetensors: a corrupt copy is refused
 MODEL_CODE = Path(__file__).resolve().parents[2] / "deploy" / "mlflow_model.py"
 
 
@@ -143,7 +145,8 @@ def register(run_id: str, state: dict, source: str, job: Job, index: Index) -> M
                 pip_requirements=pip_requirements(),
             )
         tags = {"val/top1": f"{top1:.6f}", "dataset_hash": index.dataset_hash, "run_id": run_id,
-                "checkpoint": source, PREPROCESSING_TAG: json.dumps(preprocessing)}  # fmt: skip
+                "checkpoint": source, PREPROCESSING_TAG: json.dumps(preprocessing),
+                WEIGHTS_TAG: hashlib.sha256(artifacts["weights"].read_bytes()).hexdigest()}  # fmt: skip
         with quiet_mlflow():  # "Successfully registered model ...": the caller says what happened
             return mlflow.register_model(logged.model_uri, job.model.arch, tags=tags)
 
@@ -160,6 +163,12 @@ def _example_image(index: Index) -> bytes:
         Image.fromarray(load_pixels(index.root, "val", index.dataset_hash)[0]).save(encoded, format="PNG")
         return encoded.getvalue()
     return first_image(index.root, "val")
+
+
+def version_of_run(run_id: str) -> ModelVersion | None:
+    """The newest model version that run `run_id` registered; None when it registered none."""
+    versions = MlflowClient(tracking_uri()).search_model_versions(f"run_id = '{run_id}'")
+    return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def resolve(client: MlflowClient, target: str) -> ModelVersion:
@@ -257,10 +266,35 @@ def serving_version(target: str | None) -> tuple[ModelVersion, str | None]:
     return version, alias or None
 
 
+def check_weights(name: str, version: str, weights: bytes, tags: dict[str, str]) -> None:
+    """Raises RegistryError when `weights` (the version's model.safetensors) differ from the
+    SHA-256 recorded when it was registered (versions from before the digest pass)."""
+    recorded = tags.get(WEIGHTS_TAG)
+    if recorded and hashlib.sha256(weights).hexdigest() != recorded:
+        raise RegistryError(
+            f"{name}/{version}: its weights (model.safetensors, {len(weights):,} bytes) do not match the "
+            "SHA-256 recorded when it was registered: the artifact store holds a corrupt copy; register the "
+            "run again (`resnet-pipe register RUN` after deleting this version) or serve another version"
+        )
+
+
 def _check_servable(client: MlflowClient, version: ModelVersion) -> None:
     """A model trained on images less their mean image (`data.normalize = "pixel_mean"`, the
     paper's CIFAR recipe) answers rightly only with that mean image, which versions registered
-    before it was stored with them (no `preprocessing` tag) lack."""
+    before it was stored with them (no `preprocessing` tag) lack. A version whose weights in the
+    artifact store differ from those registered is refused (`check_weights`)."""
+    if WEIGHTS_TAG in version.tags:
+        with tempfile.TemporaryDirectory(prefix="resnet-pipe-check-") as tmp:
+            where = client.get_model_version_download_uri(version.name, version.version)
+            source = f"{where}/artifacts/model.safetensors"
+            try:
+                fetched = Path(mlflow.artifacts.download_artifacts(source, dst_path=tmp))
+            except (MlflowException, OSError) as e:
+                raise RegistryError(
+                    f"{version.name}/{version.version}: its weights could not be fetched ({e}): the artifact "
+                    "store is unreachable, or the version's files are gone"
+                ) from None
+            check_weights(version.name, version.version, fetched.read_bytes(), version.tags)
     stored = PREPROCESSING_TAG in version.tags
     if not stored and client.get_run(version.run_id).data.params.get("data.normalize") == "pixel_mean":
         raise RegistryError(

@@ -1,7 +1,9 @@
-"""Runs as MLflow holds them, for the terminal: `resnet-pipe runs [JOB]` and `runs compare A B`.
+"""Runs as MLflow holds them, for the terminal: `resnet-pipe runs [JOB]` and `runs compare A B`,
+and the result of a run that ended on a cluster (`submit --follow`).
 
 rows = run_table(job_name=None)   # newest first
 differences = compare("lr-0.1", "lr-0.2")
+ended = result_of("remote", job_name="quickstart")   # status, final metrics, registered version
 """
 
 from __future__ import annotations
@@ -95,3 +97,46 @@ def compare(a: str, b: str) -> tuple[Run, Run, list[tuple[str, str, str]], list[
         if any(v is not None for v in values):
             results.append((key, *(f"{v:.4f}" if v is not None else "-" for v in values)))
     return run_a, run_b, settings, results
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What MLflow holds of a run's end: its status, the last value of each result metric, and
+    the model version it registered ("resnet50 version 3 (val/top1 0.945000)"), if any."""
+
+    run_id: str
+    name: str
+    status: str
+    metrics: dict[str, float]
+    registered: str | None
+    tags: dict[str, str]
+
+
+def result_of(run_name: str, job_name: str) -> RunResult | None:
+    """The newest run named `run_name` in job `job_name`'s experiment; None when MLflow has none."""
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(job_name)
+    if experiment is None:
+        return None
+    quote = "'" if "'" not in run_name else '"'
+    where = f"attributes.run_name = {quote}{run_name}{quote}"
+    found = client.search_runs([experiment.experiment_id], where, order_by=["attributes.start_time DESC"])
+    return _result(client, found[0]) if found else None
+
+
+def describe(name_or_id: str) -> RunResult:
+    """A run by id, else the newest run of that name (`find_run`), as `RunResult`."""
+    client = MlflowClient(tracking_uri())
+    return _result(client, find_run(client, name_or_id))
+
+
+def _result(client: MlflowClient, run: Run) -> RunResult:
+    metrics = {key: run.data.metrics[key] for key in RESULTS if key in run.data.metrics}
+    versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    registered = None
+    if versions:
+        newest = max(versions, key=lambda v: int(v.version))
+        registered = f"{newest.name} version {newest.version} (val/top1 {newest.tags.get('val/top1')})"
+    return RunResult(
+        run.info.run_id, run.info.run_name, run.info.status, metrics, registered, dict(run.data.tags)
+    )

@@ -2,8 +2,13 @@
 
 A checkpoint is a folder with `checkpoint.pt` (a plain dict of tensors and primitives, loaded
 with `weights_only=True`, never unpickling objects) and `meta.json` (epoch, step and metrics,
-readable without torch). Ray Train moves the folder to the run's storage, a local folder or an
-object store (`pipeline.storage.Location`), where `latest` and `best` find them again.
+readable without torch, and the size and SHA-256 of `checkpoint.pt`). Ray Train moves the folder
+to the run's storage, a local folder or an object store (`pipeline.storage.Location`), where
+`latest` and `best` find them again.
+
+A checkpoint whose weights are missing, truncated or altered (its node died mid-upload, a byte
+flipped at rest) fails `load` with `CorruptCheckpoint`, naming it; `complete` gives the run's
+checkpoints newest first for a caller that falls back to the previous whole one.
 
     save(folder, model=model, optimizer=optimizer, epoch=1, step=120, epoch_step=0, ranks=[...],
          job=job, metrics={...})
@@ -12,6 +17,7 @@ object store (`pipeline.storage.Location`), where `latest` and `best` find them 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -26,6 +32,10 @@ from pipeline.storage import Location
 FORMAT = 3
 WEIGHTS = "checkpoint.pt"
 META = "meta.json"
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose weights file is missing or differs from what `save` recorded."""
 
 
 def save(
@@ -67,15 +77,42 @@ def save(
         "clock": clock or {"train_s": 0.0, "target_reached_s": None},
         "per_class": per_class,
     }
-    torch.save(state, folder / WEIGHTS)
-    # the job too, so that a resubmission compares settings without loading the weights
-    (folder / META).write_text(json.dumps(meta | {"job": state["job"]}, indent=1))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    (folder / WEIGHTS).write_bytes(data)
+    # the job too, so that a resubmission compares settings without loading the weights; the
+    # weights' size and digest, so that a reader knows whole weights from a part or garbage
+    sealed = {"weights_bytes": len(data), "weights_sha256": hashlib.sha256(data).hexdigest()}
+    (folder / META).write_text(json.dumps(meta | sealed | {"job": state["job"]}, indent=1))
 
 
 def load(folder: Path | Location) -> dict[str, Any]:
-    """Reads a checkpoint written by `save`, tensors on the CPU, from a local folder or storage."""
-    weights = Location(folder) / WEIGHTS
-    state = torch.load(io.BytesIO(weights.read_bytes()), map_location="cpu", weights_only=True)
+    """Reads a checkpoint written by `save`, tensors on the CPU, from a local folder or storage.
+
+    Raises:
+        CorruptCheckpoint: the weights file is missing, or its size or SHA-256 differ from those
+            `save` recorded in meta.json.
+    """
+    folder = Location(folder)
+    weights = folder / WEIGHTS
+    try:
+        data = weights.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"checkpoint {folder} has no {WEIGHTS}: it is incomplete") from None
+    sealed = read_meta(folder)
+    if "weights_sha256" in sealed:  # checkpoints from before the digest are read as they are
+        if len(data) != sealed["weights_bytes"]:
+            raise CorruptCheckpoint(
+                f"checkpoint {folder}: {WEIGHTS} has {len(data):,} bytes, {sealed['weights_bytes']:,} were "
+                "saved: it is truncated"
+            )
+        if hashlib.sha256(data).hexdigest() != sealed["weights_sha256"]:
+            raise CorruptCheckpoint(
+                f"checkpoint {folder}: {WEIGHTS} does not match the SHA-256 recorded when it was saved: "
+                "it is corrupt"
+            )
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT:
         raise ValueError(f"{weights} has checkpoint format {state.get('format')}, expected {FORMAT}")
     return state
@@ -109,12 +146,27 @@ def latest(run: Path | Location) -> Location | None:
     return max(found)[1] if found else None
 
 
+def newest_first(run: Path | Location) -> list[Location]:
+    """The run's checkpoint folders, highest step first: where a resume looks for the newest one
+    that `load` reads whole."""
+    return [
+        folder
+        for _, _, folder in sorted(((m["step"], f.name, f) for m, f in _checkpoints(run)), reverse=True)
+    ]
+
+
 def best(run: Path | Location) -> Location | None:
     """The scored checkpoint of a run with the highest val/top1 (the later one on a tie); None
     when there is none (mid-epoch checkpoints carry no score)."""
+    ranked = best_first(run)
+    return ranked[0] if ranked else None
+
+
+def best_first(run: Path | Location) -> list[Location]:
+    """The run's scored checkpoints, highest val/top1 first (the later one on a tie)."""
     found = [
         (meta["metrics"]["val/top1"], meta["step"], folder)
         for meta, folder in _checkpoints(run)
         if meta["metrics"].get("val/top1", -1.0) >= 0
     ]
-    return max(found)[2] if found else None
+    return [folder for _, _, folder in sorted(found, reverse=True)]

@@ -9,12 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -30,11 +26,12 @@ from pipeline.data.loader import Loader, build_loader
 from pipeline.models import create_model
 from pipeline.storage import Location
 from pipeline.tracking import UNSENT_FILE, RunLogger
-from pipeline.train import checkpoint, usage
+from pipeline.train import persist
 from pipeline.train.ema import WeightEMA
 from pipeline.train.optim import build_optimizer, lr_at
 from pipeline.train.progress import BoardHandler, Progress
-from pipeline.train.step import Stepper, all_reduce_sum, configure_backends, evaluate, gather_objects
+from pipeline.train.step import Stepper, all_reduce_sum, configure_backends, evaluate
+from pipeline.train.worker import State, Worker
 
 log = logging.getLogger("resnet_pipe")
 UNSCORED = -1.0  # the val/top1 of a mid-epoch checkpoint: below any real accuracy
@@ -56,37 +53,6 @@ def _setup_logging(board) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-
-
-@dataclass
-class State:
-    epoch: int = 0  # the epoch in progress (or next to run, when epoch_step is 0)
-    step: int = 0  # next global step (optimizer steps since the start)
-    epoch_step: int = 0  # steps of `epoch` already taken: > 0 only in a mid-epoch checkpoint
-    # the run's wall-clock seconds: from `submit` through every epoch of every attempt (an attempt
-    # that resumes adds its set-up, not the time the run stood still in between)
-    train_s: float = 0.0
-    target_reached_s: float | None = None  # train_s at the first evaluation at or above target_top1
-
-
-@dataclass
-class Worker:
-    """What every part of one rank's loop shares."""
-
-    job: Job  # as run by this many workers (micro-batch and accumulation)
-    submitted: Job  # as submitted: what checkpoints record
-    rank: int
-    world: int
-    device: torch.device
-    model: nn.Module  # the bare model: checkpoints and evaluation use it, not the DDP wrapper
-    optimizer: torch.optim.Optimizer
-    ema: WeightEMA | None
-    logger: RunLogger | None  # rank 0 only
-    sample_log: Path | None  # where this rank appends the ids of every batch, when asked
-    run_dir: Location
-    step_hook: Callable[[int, int, int, Path], None] | None  # tests inject faults here; None for users
-    board: object | None  # rank 0, when the driver draws a live bar: its board (pipeline.train.progress)
-    scaler: torch.amp.GradScaler | None = field(default=None)  # the Stepper's, once it exists
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -128,12 +94,12 @@ def train_loop_per_worker(config: dict) -> None:
         run_dir=Location(config["run_dir"]), step_hook=config.get("step_hook"),
         board=config.get("board") if rank == 0 and config.get("live_bar") else None,
     )  # fmt: skip
-    _clear_unsent_checkpoints(worker.run_dir)  # every rank, on its node: before DDP's first collective
+    persist.clear_unsent_checkpoints(worker.run_dir)  # every rank, on its node: before DDP's first collective
     if rank == 0:
         # an attempt after a failure goes over steps an earlier one logged (after its checkpoint,
         # or from the start when the failure came before the first checkpoint): logged once
         worker.logger.skip_logged()
-    restored = _restore(worker)
+    restored = persist.restore(worker)
     state, loader_state, scaler_state = restored or (State(), None, None)
     ddp_model = ray.train.torch.prepare_model(model)  # wraps in DDP when world > 1
     step_fn = Stepper(
@@ -203,8 +169,10 @@ def train_loop_per_worker(config: dict) -> None:
             worker.logger.log_metrics(metrics, step=epoch)
         # an epoch not evaluated ranks below every scored checkpoint (Ray keeps the latest too)
         scored = {"val/top1": UNSCORED} | metrics
-        _save_and_report(worker, state, train_loader, scored | {"epoch": epoch}, per_class)
+        persist.save_and_report(worker, state, train_loader, scored | {"epoch": epoch}, per_class)
     if rank == 0:
+        for upload in worker.uploads:  # the last checkpoints' upload times are logged too
+            upload.wait()
         worker.logger.close()  # what MLflow has not taken yet, sent now or kept in a file
         if config.get("board") is not None:
             ray.get(config["board"].flush.remote())
@@ -221,101 +189,11 @@ def evaluates(job: Job, epoch: int, last_epoch: int, step_before: int, step_afte
     return (epoch + 1) % job.run.eval_every_epochs == 0
 
 
-def _checkpoint_scratch(run_dir: Location) -> Path:
-    """Where rank 0 writes this run's checkpoints before Ray Train uploads them."""
-    return Path(tempfile.gettempdir()) / "resnet-pipe-checkpoints" / run_dir.name
-
-
-def _clear_unsent_checkpoints(run_dir: Location) -> None:
-    """Removes what an earlier attempt of the run left half-uploaded on this node (its worker
-    ended mid-upload): nothing else writes there, and the new attempt has not begun to."""
-    shutil.rmtree(_checkpoint_scratch(run_dir), ignore_errors=True)
-
-
 def _logger(config: dict) -> RunLogger:
-    os.environ.update(config.get("tracking_env") or {})  # MLflow reads credentials from there
+    if config.get("tracking_env") is not None:  # MLflow reads credentials from the environment
+        os.environ.update(ray.get(config["tracking_env"]))
     unsent = Location(config["run_dir"]) / UNSENT_FILE  # where metrics MLflow never took are kept
     return RunLogger(config["tracking_uri"], config["mlflow_run_id"], unsent)
-
-
-def _restore(worker: Worker) -> tuple[State, bytes | None, dict | None] | None:
-    """Loads the latest checkpoint, if any, into the model, EMA and optimizer; returns the state,
-    this rank's data-pipeline state (None: start the loader afresh) and the GradScaler's state
-    (loaded by the caller, which creates the scaler after DDP wraps the model)."""
-    saved = ray.train.get_checkpoint()
-    if saved is None:
-        return None
-    with saved.as_directory() as folder:
-        loaded = checkpoint.load(Path(folder))
-    worker.model.load_state_dict(loaded["model"])
-    worker.optimizer.load_state_dict(loaded["optimizer"])
-    if worker.ema is not None and loaded.get("ema") is not None:
-        worker.ema.load_state_dict(loaded["ema"])
-    state = State(loaded["epoch"], loaded["step"], loaded["epoch_step"], **loaded["clock"])
-    ranks = loaded["ranks"]
-    if len(ranks) == worker.world:
-        torch.set_rng_state(ranks[worker.rank]["torch_rng"])
-        loader_state = ranks[worker.rank]["loader"]
-    else:
-        # another number of workers (elastic): the data is re-sharded over the new workers, which
-        # take the epoch's remaining steps from fresh shards, at the same global batch
-        torch.manual_seed(worker.job.seed + 1 + worker.rank + 7919 * state.step)
-        loader_state = None
-    if worker.rank == 0:
-        job, resized = worker.job, f" (was {len(ranks)} workers)" if len(ranks) != worker.world else ""
-        log.info(
-            f"resuming at epoch {state.epoch}, step {state.step} ({state.epoch_step} into the epoch) on "
-            f"{worker.world} workers{resized}: {job.optim.accumulation_steps} x "
-            f"{job.scaling.batch_size_per_worker} images per worker and step, "
-            f"global batch {job.global_batch_size}"
-        )
-    return state, loader_state, loaded["scaler"]
-
-
-def _save_and_report(
-    worker: Worker,
-    state: State,
-    loader: Loader,
-    metrics: dict[str, float],
-    per_class: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """A full-state checkpoint (model, optimizer, GradScaler, EMA, every rank's data-pipeline and
-    RNG state, the job, and at an epoch's end each class's validation errors), reported through
-    Ray Train.
-
-    Every rank calls this the same number of times (report is collective); only rank 0 writes.
-    Rank 0 writes the checkpoint to a local folder and Ray Train uploads it to the run's storage
-    in the background (CheckpointUploadMode.ASYNC, deleting the local copy once it is there), so
-    the workers go on training while a large checkpoint (about 720 MB for r152 with EMA) travels;
-    a resume takes the latest checkpoint whose upload completed. `train/checkpoint_s` is how
-    long the workers waited here.
-    """
-    started = time.perf_counter()
-    mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state(), "system": usage.sample()}
-    ranks = gather_objects(mine)
-    node_usage = usage.per_node([r.pop("system") for r in ranks])
-    if worker.rank != 0:
-        ray.train.report(metrics, checkpoint=None)
-        return
-    # Ray deletes the folder once uploaded; one whose upload a failure cut short is removed when
-    # the run's next attempt starts (`_clear_unsent_checkpoints`)
-    scratch = _checkpoint_scratch(worker.run_dir)
-    scratch.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=scratch))
-    checkpoint.save(
-        folder, model=worker.model, optimizer=worker.optimizer, epoch=state.epoch, step=state.step,
-        epoch_step=state.epoch_step, ranks=ranks, job=worker.submitted, metrics=metrics,
-        scaler=worker.scaler, ema=worker.ema.model if worker.ema else None,
-        clock={"train_s": state.train_s, "target_reached_s": state.target_reached_s},
-        per_class=per_class,
-    )  # fmt: skip
-    ray.train.report(
-        metrics,
-        checkpoint=ray.train.Checkpoint.from_directory(folder),
-        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-    )
-    node_usage["train/checkpoint_s"] = time.perf_counter() - started
-    worker.logger.log_metrics(node_usage, step=state.step)
 
 
 def train_one_epoch(
@@ -371,7 +249,7 @@ def train_one_epoch(
         if every and state.step % every == 0 and state.epoch_step < steps:
             # val/top1 -1: Ray ranks mid-epoch checkpoints below every scored one (the latest stays)
             mid = {"train/step_loss": float(loss), "epoch": state.epoch, "val/top1": UNSCORED}
-            _save_and_report(worker, state, loader, mid)
+            persist.save_and_report(worker, state, loader, mid)
     elapsed = time.perf_counter() - start
     taken = torch.tensor(float(state.epoch_step - first), device=loss_sum.device)
     loss_mean = all_reduce_sum(torch.stack([loss_sum, taken]))

@@ -1,11 +1,11 @@
 """A Ray cluster whose nodes share nothing but a network, an object store and a tracking server,
 built on this machine for the tests (we run as root).
 
-    hosts = Network.create()                 # a bridge with this machine on .1
-    services = Services.start(hosts)         # moto's S3 server and an MLflow server on .1
-    cluster = Cluster.start(hosts, services) # head .2 (no CPUs), workers .3 and .4 (1 CPU each)
-    ...
-    cluster.stop(); services.stop(); hosts.remove()
+    with share_nothing(folder) as (net, services, cluster):
+        # net: a bridge with this machine on .1; services: moto's S3 server and an MLflow
+        # server on .1; cluster: head .2 (no CPUs), workers .3 and .4 (1 CPU each)
+        user = User(folder / "user", services, cluster)   # `resnet-pipe ...` as a user types it
+        with blocked(services.s3_port): ...               # faults: iptables, tc netem, kills
 
 Each node is `ray start` in a network namespace of its own (a veth pair into the bridge, its
 own address), with a host name of its own that resolves to that address (as a pod's does: gloo
@@ -19,6 +19,7 @@ only to the addresses made here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -28,17 +29,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 PROJECT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
 BIN = VENV / "bin"
 BUCKET = "resnet-pipe-test"
 NODES = ("head", "w1", "w2")
+# moto takes any key; a fresh secret each session, which tests look for where it must not be
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECRET_ACCESS_KEY": f"planted-s3-secret-{secrets.token_hex(8)}",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -157,18 +161,38 @@ class Services:
             import boto3
 
             boto3.client("s3", endpoint_url=s3_url, **_boto(CREDENTIALS)).create_bucket(Bucket=BUCKET)
-            mlflow = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--host", net.host_ip, "--port", str(mlflow_port),
-                 "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                 "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
-            )  # fmt: skip
-            services.processes.append(mlflow)
-            _wait_for(f"{services.tracking_uri}/health", 120, mlflow)
+            services.start_mlflow()
         except BaseException:
             services.stop()
             raise
         return services
+
+    @property
+    def s3_port(self) -> int:
+        return int(self.s3_url.rsplit(":", 1)[1])
+
+    @property
+    def mlflow_port(self) -> int:
+        return int(self.tracking_uri.rsplit(":", 1)[1])
+
+    def start_mlflow(self) -> None:
+        """The MLflow server, on its database and artifact store (as they were, after a stop)."""
+        host = self.tracking_uri.split("//")[1].rsplit(":", 1)[0]
+        env = os.environ | CREDENTIALS | {"AWS_ENDPOINT_URL": self.s3_url}
+        with (self.folder / "services.log").open("a") as log:
+            mlflow = subprocess.Popen(
+                [str(BIN / "mlflow"), "server", "--host", host, "--port", str(self.mlflow_port),
+                 "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+                 "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder,
+            )  # fmt: skip
+        self.processes.append(mlflow)
+        _wait_for(f"{self.tracking_uri}/health", 120, mlflow)
+
+    def stop_mlflow(self) -> None:
+        """The MLflow server stopped as a restart stops it (SIGTERM, then SIGKILL after 30 s)."""
+        mlflow = self.processes.pop()
+        _stop(mlflow)
 
     def client_env(self) -> dict[str, str]:
         """What a user's machine sets to use the store and the tracking server."""
@@ -182,15 +206,18 @@ class Services:
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
     def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        for process in reversed(self.processes):
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _boto(credentials: dict[str, str]) -> dict[str, str]:
@@ -210,6 +237,8 @@ class Cluster:
     token: str
     stage: Path
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def job_server(self) -> str:
@@ -238,6 +267,9 @@ class Cluster:
             "RAY_health_check_period_ms": "1000",
             "RAY_health_check_timeout_ms": "1000",
             "RAY_health_check_failure_threshold": "3",
+            # Ray Train's runs, attempts and workers (with their ranks and nodes) in the dashboard,
+            # as a cluster that watches its training has it: where rank 0 runs, how often it restarted
+            "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
             "AWS_ENDPOINT_URL": services.s3_url,  # the node's own settings, as a Secret gives a pod
             **CREDENTIALS,
             **cluster.client_env(),
@@ -252,7 +284,8 @@ class Cluster:
         }  # fmt: skip
         try:
             for node in NODES:
-                cluster._start_node(node, ["ray", "start", *commands[node], *common], env)
+                cluster.commands[node] = ["ray", "start", *commands[node], *common]
+                cluster._start_node(node, cluster.commands[node], env)
                 if node == "head":
                     _wait_for(f"{cluster.job_server}/api/version", 120, cluster.nodes["head"],
                               {"Authorization": f"Bearer {cluster.token}"})  # fmt: skip
@@ -264,7 +297,8 @@ class Cluster:
 
     def _start_node(self, node: str, command: list[str], env: dict[str, str]) -> None:
         venv_copy = self.stage / node
-        venv_copy.mkdir()
+        venv_copy.mkdir(exist_ok=True)  # there already for a node started again
+        self.env = env
         hide = f"""
 set -e
 mount --bind {VENV} {venv_copy}
@@ -306,10 +340,45 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
                 raise RuntimeError(f"the cluster did not reach {count} live nodes")
             time.sleep(1)
 
+    def get(self, path: str) -> dict:
+        request = urllib.request.Request(
+            f"{self.job_server}{path}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def train_attempts(self, run_name: str) -> list[dict]:
+        """The attempts of Ray Train run `run_name` (the newest run of that name), oldest first,
+        each with its status and its workers: world_rank, node_ip."""
+        runs = [run for run in self.get("/api/train/v2/runs/v1")["train_runs"] if run["name"] == run_name]
+        if not runs:
+            return []
+        newest = max(runs, key=lambda run: run["start_time_ns"])
+        return sorted(newest["attempts"], key=lambda attempt: attempt["start_time_ns"])
+
+    def node_of(self, ip: str) -> str:
+        return next(node for node in NODES if self.net.ip(node) == ip)
+
+    def restart_lost_nodes(self) -> Cluster:
+        """The worker nodes that were killed, started again (a fresh machine in the node's place,
+        with its address), and the cluster whole again."""
+        lost = [node for node, process in self.nodes.items() if node != "head" and process.poll() is not None]
+        for node in lost:
+            self._start_node(node, self.commands[node], self.env)
+        self.wait_for_nodes(len(NODES))
+        return self
+
     def kill(self, node: str) -> None:
         """The node's machine gone at once: every process of it SIGKILLed."""
         kill_all(self.net.namespaces[node])
         self.nodes[node].wait(timeout=30)
+
+    def read_logs(self, node: str) -> str:
+        """Every log file of the node's Ray sessions, and its `ray start` output, as one text."""
+        pid = str(self.nodes[node].pid)
+        words = ["sh", "-c", "cat /tmp/ray-start.log /tmp/ray/session_*/logs/* 2>/dev/null"]
+        listed = subprocess.run(["nsenter", "-t", pid, "-m", *words], capture_output=True, check=False)
+        return listed.stdout.decode("utf-8", errors="replace")
 
     def files(self, node: str) -> list[str]:
         """Every file on the node's own disk: its private /tmp and the empty folder over the project
@@ -329,3 +398,115 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
             except subprocess.TimeoutExpired:
                 self.kill(node)
         shutil.rmtree(self.stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def share_nothing(folder: Path) -> Iterator[tuple[Network, Services, dict[str, Cluster]]]:
+    """The network, the services and the cluster (in a dict under "cluster": a test that loses the
+    whole cluster puts its new one there), removed at the end, leaving no namespace or link."""
+    net = Network.create()
+    try:
+        services = Services.start(net, folder / "services")
+        try:
+            holder = {"cluster": Cluster.start(net, services)}
+            try:
+                yield net, services, holder
+            finally:
+                holder["cluster"].stop()
+        finally:
+            services.stop()
+    finally:
+        net.remove()
+        assert net.leftovers() == []
+
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], seconds: float, what: str, every_s: float = 0.5) -> T:
+    """The first true value of `condition()`, tried every `every_s`; AssertionError naming `what`
+    when none came in `seconds`. A condition that raises OSError counts as not yet."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            value = condition()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {seconds:.0f} s")
+        time.sleep(every_s)
+
+
+@contextlib.contextmanager
+def blocked(port: int, source: str | None = None, action: str = "REJECT") -> Iterator[None]:
+    """TCP to `port` on this machine refused (REJECT: a reset, at once) or dropped (DROP: the
+    sender waits for its timeout), from `source` (a node's address) or from everyone, this
+    machine's own processes too (traffic to its bridge address goes through INPUT on lo)."""
+    rule = ["INPUT", "-p", "tcp", "--dport", str(port)] + (["-s", source] if source else [])
+    rule += ["-j", action] + (["--reject-with", "tcp-reset"] if action == "REJECT" else [])
+    sh("iptables", "-I", *rule)
+    try:
+        yield
+    finally:
+        sh("iptables", "-D", *rule)
+
+
+@contextlib.contextmanager
+def slowed(net: Network, node: str, port: int, rate: str = "8mbit") -> Iterator[None]:
+    """What `node` sends to `port` (on any host) held to `rate` by tc netem on its interface,
+    the rest of its traffic untouched: 8mbit is 1 MB/s."""
+    ns, device = net.namespaces[node], f"rp{net.tag}{NODES.index(node)}n"
+    tc = ["ip", "netns", "exec", ns, "tc"]
+    sh(*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "prio")
+    try:
+        sh(*tc, "qdisc", "add", "dev", device, "parent", "1:3", "handle", "30:", "netem", "rate", rate)
+        sh(*tc, "filter", "add", "dev", device, "protocol", "ip", "parent", "1:0", "prio", "3", "u32",
+           "match", "ip", "dport", str(port), "0xffff", "flowid", "1:3")  # fmt: skip
+        yield
+    finally:
+        sh(*tc, "qdisc", "del", "dev", device, "root", check=False)
+
+
+class User:
+    """A user's machine outside the cluster: a folder, their environment (the store's and the
+    tracking server's addresses and keys, the cluster's token), and `resnet-pipe` as they type it."""
+
+    def __init__(self, folder: Path, services: Services, cluster: Cluster, extra_env: dict | None = None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+        self.env = env | services.client_env() | cluster.client_env() | (extra_env or {})
+
+    def run(self, *words: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        """The command's run; its output is also kept beside the user's folder (`commands.log`),
+        for a reader of a failed test."""
+        done = subprocess.run(
+            [str(BIN / "resnet-pipe"), *words], cwd=self.folder, env=self.env, capture_output=True,
+            text=True, timeout=timeout_s,
+        )  # fmt: skip
+        with (self.folder.parent / "commands.log").open("a") as log:
+            log.write(
+                f"$ resnet-pipe {' '.join(words)}\n{done.stdout}{done.stderr}[exit {done.returncode}]\n"
+            )
+        return done
+
+    def start(self, *words: str) -> subprocess.Popen:
+        """`resnet-pipe WORDS` running in the background, its output (both streams) in a pipe."""
+        return subprocess.Popen(
+            [str(BIN / "resnet-pipe"), *words], cwd=self.folder, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+
+    def upload(self, prepared_dataset: Path, name: str) -> str:
+        """The dataset prepared with shards and uploaded to the bucket, its local copy removed;
+        returns its URI."""
+        dataset = self.folder.parent / f"dataset-{name}"
+        shutil.copytree(prepared_dataset, dataset)
+        prepared = self.run("data", "prepare", str(dataset), "--shards")
+        assert prepared.returncode == 0, prepared.stderr
+        uploaded = self.run("data", "upload", str(dataset), f"s3://{BUCKET}/datasets/{name}")
+        assert uploaded.returncode == 0, uploaded.stderr
+        shutil.rmtree(dataset)
+        return f"s3://{BUCKET}/datasets/{name}"

@@ -157,6 +157,16 @@ def test_the_rayjob_trains_a_job_that_loads() -> None:
     assert gpus == loaded.scaling.num_workers  # one GPU a Ray Train worker
 
 
+def test_a_rayjob_retry_resumes_its_run_instead_of_starting_another() -> None:
+    # KubeRay retries a failed RayJob (a lost head) on a new cluster up to backoffLimit times; each
+    # retry runs the same entrypoint, whose fixed run name, the RayJob's own, resumes the run
+    (job,) = [doc for _, doc in _documents() if doc["kind"] == "RayJob"]
+    assert job["spec"]["backoffLimit"] >= 1
+    context = submit.make_context("submit", shlex.split(job["spec"]["entrypoint"])[4:])
+    assert context.params["run_name"] == job["metadata"]["name"]
+    assert context.params["resume"] is None  # --resume would fail the first try, which has no checkpoint
+
+
 def _launcher_check(config: dict) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from share_nothing import BIN, BUCKET, Cluster, Network, Services
+from share_nothing import BUCKET, Cluster, Services, User, share_nothing
 
 from pipeline.data.shards import first_image
 
@@ -28,87 +28,70 @@ KILL_AFTER_STEP = 4  # the first step of epoch 1; the kill waits for a whole che
 
 
 @pytest.fixture(scope="module")
-def share_nothing(tmp_path_factory: pytest.TempPathFactory):
-    net = Network.create()
-    try:
-        services = Services.start(net, tmp_path_factory.mktemp("services"))
+def share_nothing_cluster(tmp_path_factory: pytest.TempPathFactory):
+    with share_nothing(tmp_path_factory.mktemp("share-nothing")) as (net, services, holder):
+        yield net, services, holder["cluster"]
+
+
+class Watcher:
+    """A thread that waits until the run has logged step KILL_AFTER_STEP and a whole checkpoint is
+    in the bucket, then kills the node that runs rank 0. What it met goes back to the test:
+    the step seen, the node killed, or the error that stopped it."""
+
+    def __init__(self, services: Services, cluster: Cluster, run_name: str, done: threading.Event):
+        self.services, self.cluster, self.run_name, self.done = services, cluster, run_name, done
+        self.step: int | None = None
+        self.killed: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
         try:
-            cluster = Cluster.start(net, services)
-            try:
-                yield net, services, cluster
-            finally:
-                cluster.stop()
-        finally:
-            services.stop()
-    finally:
-        net.remove()
-        assert net.leftovers() == []
+            client = _client(self.services)
+            while not self.done.is_set():
+                runs = client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()],
+                    f"attributes.run_name = '{self.run_name}'",
+                )
+                if runs:
+                    steps = [
+                        m.step for m in client.get_metric_history(runs[0].info.run_id, "train/step_loss")
+                    ]
+                    saved = any(
+                        k.endswith("/meta.json") for k in self.services.objects(f"runs/{self.run_name}/")
+                    )
+                    if steps and max(steps) >= KILL_AFTER_STEP and saved:
+                        self.step, self.killed = max(steps), self._rank0_node()
+                        self.cluster.kill(self.killed)
+                        return
+                time.sleep(0.5)
+        except BaseException as e:  # noqa: BLE001 - handed to the test, which raises it
+            self.error = e
 
+    def _rank0_node(self) -> str:
+        (attempt,) = [a for a in self.cluster.train_attempts(self.run_name) if a["status"] == "RUNNING"]
+        (rank0,) = [w for w in attempt["workers"] if w["world_rank"] == 0]
+        return self.cluster.node_of(rank0["node_ip"])
 
-def _environment(services: Services, cluster: Cluster) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
-    return env | services.client_env() | cluster.client_env()
-
-
-def _runner(user: Path, env: dict[str, str]):
-    """`resnet-pipe WORDS` as the user runs it, in their folder, with their environment."""
-
-    def run(*words: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "resnet-pipe"), *words], cwd=user, env=env, capture_output=True, text=True,
-            timeout=timeout_s,
-        )  # fmt: skip
-
-    return run
-
-
-def _upload(run, prepared_dataset: Path, tmp_path: Path, name: str) -> str:
-    """The dataset prepared with shards and uploaded to the bucket, its local copy removed."""
-    dataset = tmp_path / "dataset"
-    shutil.copytree(prepared_dataset, dataset)
-    prepared = run("data", "prepare", str(dataset), "--shards")
-    assert prepared.returncode == 0, prepared.stderr
-    uploaded = run("data", "upload", str(dataset), f"s3://{BUCKET}/datasets/{name}")
-    assert uploaded.returncode == 0, uploaded.stderr
-    shutil.rmtree(dataset)
-    return f"s3://{BUCKET}/datasets/{name}"
-
-
-def _kill_when_mid_epoch(services: Services, cluster: Cluster, run_name: str, done: threading.Event) -> list:
-    """Kills worker node w2 once the run has logged step KILL_AFTER_STEP and a checkpoint is whole
-    in the bucket; returns [the step seen]."""
-    seen: list[int] = []
-
-    def watch() -> None:
-        client = _client(services)
-        while not done.is_set():
-            runs = client.search_runs(
-                [e.experiment_id for e in client.search_experiments()], f"attributes.run_name = '{run_name}'"
-            )
-            if runs:
-                steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/step_loss")]
-                saved = any(k.endswith("/checkpoint.pt") for k in services.objects(f"runs/{run_name}/"))
-                if steps and max(steps) >= KILL_AFTER_STEP and saved:
-                    seen.append(max(steps))
-                    cluster.kill("w2")
-                    return
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, daemon=True).start()
-    return seen
+    def result(self) -> tuple[int, str]:
+        self.thread.join(60)
+        if self.error is not None:
+            raise AssertionError(f"the watcher failed: {self.error!r}") from self.error
+        assert self.step is not None, (
+            "the node was never killed: the run ended before the watcher's condition"
+        )
+        return self.step, self.killed
 
 
 def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_the_registry(
-    share_nothing, prepared_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    share_nothing_cluster, prepared_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    net, services, cluster = share_nothing
-    env = _environment(services, cluster)
+    net, services, cluster = share_nothing_cluster
     for key, value in services.client_env().items():  # for this test's own reads of the store
         monkeypatch.setenv(key, value)
-    user = tmp_path / "user"  # the user's folder, outside the cluster
-    user.mkdir()
-    run = _runner(user, env)
-    _upload(run, prepared_dataset, tmp_path, "odd")  # from here on the dataset exists only in the bucket
+    user = User(tmp_path / "user", services, cluster)  # the user's folder, outside the cluster
+    user.upload(prepared_dataset, "odd")  # from here on the dataset exists only in the bucket
 
     settings = [
         f"data.root='s3://{BUCKET}/datasets/odd'", "data.source='shards'", "model.arch='resnet18'",
@@ -119,20 +102,30 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     ]  # fmt: skip
     sets = [word for setting in settings for word in ("--set", setting)]
     done = threading.Event()
-    seen = _kill_when_mid_epoch(services, cluster, "remote", done)
+    # rank 0's node: it writes the checkpoints and logs to MLflow, the harder loss of the two
+    watcher = Watcher(services, cluster, "remote", done)
     started = time.monotonic()
     try:
-        result = run(
+        result = user.run(
             "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "remote", *sets
         )
     finally:
         done.set()
     print(f"submit took {time.monotonic() - started:.0f} s")
+    step, killed = watcher.result()
+    print(f"killed {killed} (rank 0's node) after step {step}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    assert seen and seen[0] < EPOCHS * STEPS_PER_EPOCH, "the node was not killed mid-run"
-    assert "SUCCEEDED" in result.stdout and "registered model resnet18 version 1" in result.stdout
+    assert step < EPOCHS * STEPS_PER_EPOCH, "the node was not killed mid-run"
+    # the outcome, read from MLflow after the job ended (not from the log's tail)
+    assert "result of run 'remote' (from MLflow" in result.stdout, result.stdout[-3000:]
+    assert "registered model resnet18 version 1" in result.stdout.split("result of run 'remote'")[1]
+    attempts = cluster.train_attempts("remote")
+    assert len(attempts) >= 2, f"Ray Train did not restart the run: {attempts}"
+    survivors = {w["node_ip"] for w in attempts[-1]["workers"]}
+    assert net.ip(killed) not in survivors and attempts[-1]["status"] == "FINISHED"
+    assert "resuming at epoch" in result.stdout
     submission_id = result.stdout.split("submitted quickstart as ")[1].split()[0]
-    status = run("status", submission_id, "--address", cluster.job_server)
+    status = user.run("status", submission_id, "--address", cluster.job_server)
     assert status.returncode == 0 and f"{submission_id}: SUCCEEDED" in status.stdout
 
     # one MLflow run, every epoch and every optimizer step exactly once across the restart
@@ -158,12 +151,17 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     # served from the cluster, loaded through the tracking server and the object store
     image = first_image(f"s3://{BUCKET}/datasets/odd", "val")
     offline = _offline_prediction(services, image)
-    deploy = subprocess.Popen(
-        [str(BIN / "resnet-pipe"), "deploy", "resnet18/1", "--address", cluster.ray_client,
-         "--host", "0.0.0.0", "--port", "8000", "--no-compile"],
-        cwd=user, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    deploy = user.start(
+        "deploy",
+        "resnet18/1",
+        "--address",
+        cluster.ray_client,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--no-compile",
+    )
     try:
         url = f"http://{net.ip('head')}:8000"
         started = time.monotonic()
@@ -179,8 +177,8 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     assert best["probability"] == pytest.approx(offline[1], abs=1e-4)
 
     # nothing of the run on any disk but the bucket's: the user's folder, the surviving nodes
-    assert sorted(p.name for p in user.iterdir()) == []
-    for node in ("head", "w1"):
+    assert sorted(p.name for p in user.folder.iterdir()) == []
+    for node in sorted({"head", "w1", "w2"} - {killed}):
         files = cluster.files(node)
         kinds = {path: _kind(path) for path in files}
         unexpected = {path for path, kind in kinds.items() if kind is None}
@@ -261,16 +259,17 @@ def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen) -> dict:
 
 
 def test_a_storage_folder_the_nodes_do_not_share_is_refused_before_training(
-    share_nothing, prepared_dataset: Path, tmp_path: Path
+    share_nothing_cluster, prepared_dataset: Path, tmp_path: Path
 ) -> None:
-    _, services, cluster = share_nothing
-    user = tmp_path / "user"
-    (user / "shared").mkdir(parents=True)  # exists and is writable here, and on no node
-    run = _runner(user, _environment(services, cluster))
-    root = _upload(run, prepared_dataset, tmp_path, "unshared")
-    settings = [f"data.root='{root}'", "data.source='shards'", f"run.storage_path='{user / 'shared'}'"]
-    result = run("submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "unshared",
-                 *[word for setting in settings for word in ("--set", setting)])  # fmt: skip
+    _, services, cluster = share_nothing_cluster
+    user = User(tmp_path / "user", services, cluster)
+    root = user.upload(prepared_dataset, "unshared")
+    (user.folder / "shared").mkdir()  # exists and is writable here, and on no node
+    settings = [f"data.root='{root}'", "data.source='shards'", f"run.storage_path='{user.folder / 'shared'}'"]
+    sets = [word for setting in settings for word in ("--set", setting)]
+    result = user.run(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "unshared", *sets
+    )
     assert result.returncode != 0
     assert "does not see the file the driver wrote there" in result.stdout
     assert "every node must reach the same storage" in result.stdout
@@ -285,17 +284,19 @@ def test_a_storage_folder_the_nodes_do_not_share_is_refused_before_training(
 
 
 def test_a_job_no_node_can_hold_is_refused_at_once_on_a_cluster_without_an_autoscaler(
-    share_nothing, prepared_dataset: Path, tmp_path: Path
+    share_nothing_cluster, prepared_dataset: Path, tmp_path: Path
 ) -> None:
     # `ray start` nodes and no autoscaler: Ray Train would wait for the worker for ever
-    _, services, cluster = share_nothing
-    run = _runner(tmp_path, _environment(services, cluster))
-    root = _upload(run, prepared_dataset, tmp_path, "too-big")
+    _, services, cluster = share_nothing_cluster
+    user = User(tmp_path / "user", services, cluster)
+    root = user.upload(prepared_dataset, "too-big")
     settings = [f"data.root='{root}'", "data.source='shards'",
                 f"run.storage_path='s3://{BUCKET}/runs'", "scaling.cpus_per_worker=64"]  # fmt: skip
     started = time.monotonic()  # from the submission
-    result = run("submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "too-big",
-                 *[word for setting in settings for word in ("--set", setting)])  # fmt: skip
+    sets = [word for setting in settings for word in ("--set", setting)]
+    result = user.run(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "too-big", *sets
+    )
     assert result.returncode != 0
     assert time.monotonic() - started < 120
     assert "can never hold them" in result.stdout and "has no autoscaler" in result.stdout

@@ -3,7 +3,10 @@ checked against the shards' SHA-256, continued after an interruption and reused 
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,37 @@ def test_pixel_arrays_travel_to_a_bucket_and_a_node_stages_them_checked(tmp_path
     Location(f"{s3}/index/pixels-val.npy").write_bytes(b"changed in the store")
     with pytest.raises(DatasetError, match=r"pixels-val\.npy differs from the checksum"):
         stage(Location(s3), tmp_path / "other-node", "memory")
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_bytes: int):
+    """`folder` on a tmpfs of `size_bytes` of its own (we run as root), unmounted at the end."""
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_cache_short_of_room_evicts_an_unused_copy_then_refuses_by_name(
+    sharded: Path, s3: str, tmp_path: Path
+) -> None:
+    upload(sharded, s3)
+    needed = sum(f.stat().st_size for f in (sharded / INDEX / FOLDER).iterdir()) + (1 << 20)  # and a margin
+    with small_disk(tmp_path / "cache", needed + (512 << 10)) as cache:
+        # an unused copy of another dataset takes most of the disk: it goes to make room
+        other = cache / "another-dataset-hash"
+        other.mkdir()
+        (other / "train-00000.tar").write_bytes(b"\0" * (shutil.disk_usage(cache).free - (256 << 10)))
+        copy = stage(Location(s3), cache)
+        assert not other.exists() and load_index(copy).dataset_hash == load_index(sharded).dataset_hash
+
+    with small_disk(tmp_path / "tiny", 64 << 10) as tiny:  # cannot hold the dataset at all
+        with pytest.raises(DatasetError) as refused:
+            stage(Location(s3), tiny)
+        leftovers = [p.name for p in tiny.rglob("*") if p.is_file()]
+    said = str(refused.value)
+    assert said.startswith(f"the dataset cache {tiny} on ") and "\n" not in said
+    assert re.search(r"has [\d.]+ MB free; staging needs [\d.]+ MB: set data.cache_dir", said), said
+    assert not any(name.endswith((".tar", ".part")) for name in leftovers), leftovers  # nothing half-written

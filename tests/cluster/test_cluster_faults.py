@@ -1,0 +1,501 @@
+"""Faults on the share-nothing cluster (`share_nothing`), each injected for real into a short run
+that a user submits from a folder outside the cluster: a killed `submit`, a half-written
+checkpoint on a node that dies, the tracking server restarted, the object store refused at the
+end of a run, the tracking server gone at the end of a run. Each test measures its figure and
+prints it (docs/reliability.md has them); `make test-faults` runs this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+from share_nothing import (
+    BUCKET,
+    CREDENTIALS,
+    Cluster,
+    Services,
+    User,
+    blocked,
+    share_nothing,
+    slowed,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.faults]
+EPOCHS, STEPS_PER_EPOCH = 3, 3  # 50 training images, global batch 16
+
+
+@pytest.fixture(scope="module")
+def faults_cluster(tmp_path_factory: pytest.TempPathFactory, prepared_dataset: Path):
+    folder = tmp_path_factory.mktemp("faults")
+    with share_nothing(folder) as (net, services, holder):
+        user = User(folder / "uploader", services, holder["cluster"])
+        root = user.upload(prepared_dataset, "faults")
+        yield net, services, holder, root
+
+
+def _settings(root: str, *more: str) -> list[str]:
+    """A run of EPOCHS x STEPS_PER_EPOCH steps on the two workers, a checkpoint every 2 steps."""
+    settings = [
+        f"data.root='{root}'", "data.source='shards'", "model.arch='resnet18'",
+        f"run.storage_path='s3://{BUCKET}/runs'", f"epochs={EPOCHS}", "scaling.num_workers=2",
+        "scaling.min_workers=1", "scaling.cpus_per_worker=1", "data.threads_per_worker=1",
+        "scaling.batch_size_per_worker=8", "data.crop_px=32", "data.val_resize_px=36", "data.val_crop_px=32",
+        "run.log_every_steps=1", "run.checkpoint_every_steps=2", "run.max_failures=3", *more,
+    ]  # fmt: skip
+    return [word for setting in settings for word in ("--set", setting)]
+
+
+def _client(services: Services) -> MlflowClient:
+    return MlflowClient(services.tracking_uri, registry_uri=services.tracking_uri)
+
+
+def _tracked(services: Services, run_name: str):
+    """The MLflow run named `run_name` (exactly one), or None."""
+    client = _client(services)
+    experiment = client.get_experiment_by_name("quickstart")
+    if experiment is None:
+        return None
+    found = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+    assert len(found) <= 1, f"{len(found)} MLflow runs named {run_name}"
+    return found[0] if found else None
+
+
+def _steps(services: Services, run_name: str, key: str = "train/step_loss") -> list[int]:
+    run = _tracked(services, run_name)
+    return [m.step for m in _client(services).get_metric_history(run.info.run_id, key)] if run else []
+
+
+def _assert_every_step_once(services: Services, run_name: str) -> None:
+    assert sorted(_steps(services, run_name, "val/top1")) == list(range(EPOCHS))
+    assert sorted(_steps(services, run_name)) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+
+
+@functools.cache
+def _s3():
+    keys = {"aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}  # fmt: skip
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1", **keys)
+
+
+def _whole_checkpoints(services: Services, run_name: str) -> list[tuple[int, str]]:
+    """(step, folder key) of the run's checkpoints in the bucket whose meta.json is there."""
+    found = []
+    for key in services.objects(f"runs/{run_name}/"):
+        if key.endswith("/meta.json"):
+            meta = json.loads(_s3().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            found.append((meta["step"], key.rsplit("/", 1)[0]))
+    return sorted(found)
+
+
+def _latest_recorded(run_name: str) -> str | None:
+    """The folder name of the checkpoint that Ray Train has recorded as the run's latest (its
+    checkpoint manager's snapshot in the run's storage), or None."""
+    try:
+        snapshot = _s3().get_object(Bucket=BUCKET, Key=f"runs/{run_name}/checkpoint_manager_snapshot.json")
+    except _s3().exceptions.NoSuchKey:
+        return None
+    latest = json.loads(snapshot["Body"].read()).get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def _submission_id(output: str) -> str:
+    return output.split("submitted quickstart as ")[1].split()[0]
+
+
+@pytest.fixture(autouse=True)
+def _store_env(faults_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's own reads of the bucket go to the test's S3 server."""
+    _, services, _, _ = faults_cluster
+    for key, value in services.client_env().items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_killed_submit_leaves_the_job_training_and_submit_resume_attaches_to_it(
+    faults_cluster, tmp_path: Path
+) -> None:
+    _, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    sets = _settings(root)
+    driver = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "orphan", *sets
+    )
+    wait_until(lambda: len(_steps(services, "orphan")) >= 2, 300, "the run's first steps in MLflow")
+    os.killpg(driver.pid, signal.SIGKILL)  # the user's terminal gone: `submit --follow` and its group
+    driver.wait(30)
+    submission_id = _submission_id(driver.stdout.read())
+
+    # the job trains on in the cluster, and `status`, `list` and `logs` find it
+    status = user.run("status", submission_id, "--address", cluster.job_server)
+    assert status.returncode == 0 and f"{submission_id}: RUNNING" in status.stdout, status.stdout
+    listed = user.run("list", "--address", cluster.job_server)
+    assert any(line.split()[:2] == [submission_id, "RUNNING"] for line in listed.stdout.splitlines())
+    logs = user.run("logs", submission_id, "--address", cluster.job_server)
+    assert logs.returncode == 0 and "MLflow run" in logs.stdout
+    steps_before = len(_steps(services, "orphan"))
+
+    # the same command with --resume follows the running job instead of submitting a second copy
+    started = time.monotonic()
+    attached = user.run(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--resume", "orphan", *sets
+    )
+    print(f"attached {time.monotonic() - started:.0f} s before the job ended; {steps_before} steps were in")
+    assert attached.returncode == 0, attached.stdout[-3000:] + attached.stderr[-2000:]
+    assert f"run 'orphan' is running already as {submission_id}" in attached.stdout
+    assert "submitted quickstart as" not in attached.stdout
+    assert f"{submission_id}: SUCCEEDED" in attached.stdout
+    assert "registered model resnet18 version" in attached.stdout.split("result of run 'orphan'")[1]
+    jobs = [line for line in user.run("list", "--address", cluster.job_server).stdout.splitlines()]
+    assert len([line for line in jobs if line.split()[-1:] == ["orphan"]]) == 1, jobs
+    assert _tracked(services, "orphan").info.status == "FINISHED"
+    _assert_every_step_once(services, "orphan")
+
+
+class _KillThenHalfWrite:
+    """Once Ray Train has recorded a second checkpoint (its snapshot in the bucket says which is
+    the latest), kills the node that runs rank 0, then cuts the checkpoint that Ray recorded last
+    to half its bytes: what a node that died mid-upload leaves, met by the restart. What it did,
+    or the error that stopped it, goes back to the test."""
+
+    def __init__(self, services: Services, cluster: Cluster, run_name: str, done: threading.Event):
+        self.services, self.cluster, self.run_name, self.done = services, cluster, run_name, done
+        self.cut: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        try:
+            rank0 = _rank0_node(self.cluster, self.run_name)
+            while not self.done.is_set():
+                whole = [
+                    folder.rsplit("/", 1)[1] for _, folder in _whole_checkpoints(self.services, self.run_name)
+                ]
+                if _latest_recorded(self.run_name) in whole[1:]:
+                    self.cluster.kill(rank0)  # no checkpoint is written or recorded after this
+                    latest = _latest_recorded(self.run_name)
+                    weights = f"runs/{self.run_name}/{latest}/checkpoint.pt"
+                    data = _s3().get_object(Bucket=BUCKET, Key=weights)["Body"].read()
+                    _s3().put_object(Bucket=BUCKET, Key=weights, Body=data[: len(data) // 2])
+                    self.cut = weights
+                    return
+                time.sleep(0.5)
+        except BaseException as e:  # noqa: BLE001 - handed to the test, which raises it
+            self.error = e
+
+    def result(self) -> str:
+        self.thread.join(60)
+        if self.error is not None:
+            raise AssertionError(f"the fault thread failed: {self.error!r}") from self.error
+        assert self.cut is not None, "no checkpoint was cut: the run ended before the condition"
+        return self.cut
+
+
+def test_a_half_written_checkpoint_is_named_and_the_run_resumes_from_the_one_before(
+    faults_cluster, tmp_path: Path
+) -> None:
+    net, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    done = threading.Event()
+    fault = _KillThenHalfWrite(services, cluster, "half-written", done)
+    try:
+        result = user.run(
+            "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "half-written",
+            *_settings(root),
+        )  # fmt: skip
+    finally:
+        done.set()
+    cut = fault.result()
+    holder["cluster"] = cluster.restart_lost_nodes()  # the next test gets two workers again
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    folder = cut.rsplit("/", 1)[0]
+    named = [
+        line for line in result.stdout.splitlines() if f"s3://{BUCKET}/{folder}: checkpoint.pt has" in line
+    ]
+    said = [
+        line for line in result.stdout.splitlines() if "state-dump" not in line and "(raylet)" not in line
+    ]
+    assert named and "it is truncated; resuming from the checkpoint before it" in named[0], (cut, said[-60:])
+    print(named[0])
+    resumed = [line for line in result.stdout.splitlines() if "resuming at epoch" in line]
+    assert resumed, result.stdout[-3000:]
+    print(resumed[-1])
+    assert _tracked(services, "half-written").info.status == "FINISHED"
+    _assert_every_step_once(services, "half-written")
+
+
+def test_a_tracking_server_restarted_mid_run_loses_no_metric_step(faults_cluster, tmp_path: Path) -> None:
+    _, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    run = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "tracking-restart",
+        *_settings(root),
+    )  # fmt: skip
+    wait_until(lambda: len(_steps(services, "tracking-restart")) >= 2, 300, "the run's first steps in MLflow")
+    stopped = time.monotonic()
+    services.stop_mlflow()
+    time.sleep(15)  # the outage: the run trains on, its metrics wait in memory
+    services.start_mlflow()
+    print(f"MLflow was down {time.monotonic() - stopped:.0f} s")
+    output = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, output[-4000:]
+    assert "MLflow is unreachable" in output and "MLflow answers again" in output
+    tracked = _tracked(services, "tracking-restart")
+    assert tracked.info.status == "FINISHED"
+    _assert_every_step_once(services, "tracking-restart")
+    assert _client(services).search_model_versions(f"run_id = '{tracked.info.run_id}'")
+
+
+def test_a_store_refused_at_registration_ends_the_run_finished_and_register_completes_it(
+    faults_cluster, tmp_path: Path
+) -> None:
+    net, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    run = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "store-at-end",
+        *_settings(root),
+    )  # fmt: skip
+    wait_until(lambda: len(_steps(services, "store-at-end")) >= 1, 300, "the run's first step in MLflow")
+    # the tracking server's artifact store refuses it from now on (the nodes still reach the
+    # bucket: checkpoints go on); the registration at the end uploads through the server
+    with blocked(services.s3_port, source=net.host_ip):
+        output = run.communicate(timeout=600)[0]
+    assert run.returncode == 1, output[-4000:]
+    assert "SUCCEEDED" not in output or "not registered" in output
+    lines = [line for line in output.splitlines() if "its model is not registered" in line]
+    assert lines and "`resnet-pipe register store-at-end` registers it" in lines[0], output[-4000:]
+    tracked = _tracked(services, "store-at-end")
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["resnet_pipe.registration"].startswith("failed: ")
+    assert not _client(services).search_model_versions(f"run_id = '{tracked.info.run_id}'")
+    _assert_every_step_once(services, "store-at-end")
+
+    registered = user.run("register", "store-at-end")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    assert "registered model resnet18 version" in registered.stdout
+    tracked = _tracked(services, "store-at-end")
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["resnet_pipe.registration"].startswith(
+        "registered"
+    )
+    again = user.run("register", "store-at-end")  # registered once, whatever is run again
+    assert again.returncode == 0 and "registered resnet18 version" in again.stdout
+    assert len(_client(services).search_model_versions(f"run_id = '{tracked.info.run_id}'")) == 1
+
+
+def test_a_tracking_server_gone_at_the_end_leaves_a_stored_result_and_register_completes_it(
+    faults_cluster, tmp_path: Path
+) -> None:
+    _, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    run = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "tracking-at-end",
+        *_settings(root),
+    )  # fmt: skip
+    last = EPOCHS * STEPS_PER_EPOCH
+    # the last step's checkpoint wait is the last metric rank 0 logs: then the server goes
+    wait_until(
+        lambda: last in _steps(services, "tracking-at-end", "train/checkpoint_s"), 400, "the last step"
+    )
+    services.stop_mlflow()
+    try:
+        output = run.communicate(timeout=600)[0]
+    finally:
+        services.start_mlflow()
+    assert run.returncode == 1, output[-4000:]
+    assert "could not be told that run" in output and "`resnet-pipe register tracking-at-end`" in output
+    assert "Traceback" not in output
+    stored = json.loads(
+        _s3().get_object(Bucket=BUCKET, Key="runs/tracking-at-end/result.json")["Body"].read()
+    )
+    assert (
+        stored["status"] == "FINISHED" and stored["mlflow_closed"] is False and stored["registered"] is None
+    )
+    assert "result of run 'tracking-at-end' (from s3://" in output  # MLflow did not answer `--follow`
+
+    tracked = _tracked(services, "tracking-at-end")
+    assert tracked.info.status == "RUNNING"  # as the warning said
+    registered = user.run("register", "tracking-at-end")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    tracked = _tracked(services, "tracking-at-end")
+    assert tracked.info.status == "FINISHED"
+    assert _client(services).search_model_versions(f"run_id = '{tracked.info.run_id}'")
+    _assert_every_step_once(services, "tracking-at-end")
+
+
+def _rank0_node(cluster: Cluster, run_name: str) -> str:
+    def running() -> str | None:
+        attempts = [a for a in cluster.train_attempts(run_name) if a["status"] == "RUNNING"]
+        ranks = [w for a in attempts for w in a["workers"] if w["world_rank"] == 0]
+        return cluster.node_of(ranks[0]["node_ip"]) if ranks else None
+
+    return wait_until(running, 120, f"rank 0 of {run_name} in Ray Train's state")
+
+
+def _assert_whole_in_bucket(services: Services, run_name: str) -> int:
+    """Every checkpoint of the run whose meta.json is in the bucket reads whole (its recorded
+    size and SHA-256); returns how many there are."""
+    from pipeline.storage import Location
+    from pipeline.train import checkpoint
+
+    whole = _whole_checkpoints(services, run_name)
+    for _, folder in whole:
+        checkpoint.load(Location(f"s3://{BUCKET}/{folder}"))
+    return len(whole)
+
+
+def test_an_object_store_down_60_s_then_slowed_to_1_mb_s_costs_the_run_nothing(
+    faults_cluster, tmp_path: Path
+) -> None:
+    net, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    # ResNet-20's 3 MB checkpoints: a few seconds each at 1 MB/s
+    sets = _settings(root, "model.arch='cifar_resnet20'", "epochs=8")
+    run = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "store-out", *sets
+    )
+    wait_until(lambda: _whole_checkpoints(services, "store-out"), 300, "the run's first whole checkpoint")
+    rank0 = _rank0_node(cluster, "store-out")
+    with blocked(services.s3_port):  # every node, the tracking server's artifact store too
+        down_at = time.time()
+        time.sleep(60)
+    up_at = time.time()
+    with slowed(net, rank0, services.s3_port, "8mbit"):  # rank 0's uploads at 1 MB/s, to the end
+        output = run.communicate(timeout=900)[0]
+    assert run.returncode == 0, output[-4000:]
+    outage = [line for line in output.splitlines() if "the object store did not take" in line]
+    back = [line for line in output.splitlines() if "the object store answers again" in line]
+    assert len(outage) == len(back) == 1, output[-4000:]  # one outage: two lines, whatever the retries
+    assert "Traceback" not in output
+    print(outage[0].strip(), back[0].strip(), sep="\n")
+    history = _client(services).get_metric_history(
+        _tracked(services, "store-out").info.run_id, "train/step_loss"
+    )
+    during = [m.step for m in history if down_at * 1000 <= m.timestamp <= up_at * 1000]
+    assert during, "no step was trained while the store was down"
+    uploads = _client(services).get_metric_history(
+        _tracked(services, "store-out").info.run_id, "train/checkpoint_upload_s"
+    )
+    print(f"{len(during)} steps trained during the 60 s outage; uploads took " +
+          ", ".join(f"{m.value:.1f} s" for m in sorted(uploads, key=lambda m: m.step)))  # fmt: skip
+    assert _assert_whole_in_bucket(services, "store-out") >= 1
+    assert _tracked(services, "store-out").info.status == "FINISHED"
+    assert sorted(_steps(services, "store-out")) == list(range(1, 8 * STEPS_PER_EPOCH + 1))
+
+
+def test_an_object_store_down_past_its_limit_fails_the_run_in_one_line_keeping_its_checkpoint(
+    faults_cluster, tmp_path: Path
+) -> None:
+    _, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    sets = _settings(
+        root, "model.arch='cifar_resnet20'", "epochs=8", "run.storage_outage_s=15", "run.max_failures=0"
+    )
+    run = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "store-gone", *sets
+    )
+    wait_until(lambda: _whole_checkpoints(services, "store-gone"), 300, "the run's first whole checkpoint")
+    with blocked(services.s3_port):
+        output = run.communicate(timeout=600)[0]
+    assert run.returncode != 0, output[-4000:]
+    failed = [line for line in output.splitlines() if line.startswith("error: training failed:")]
+    assert failed and "the object store did not take" in failed[0] and "run.storage_outage_s" in failed[0], (
+        output[-4000:]
+    )
+    print(failed[0])
+    assert _assert_whole_in_bucket(services, "store-gone") >= 1  # the last whole checkpoint is intact
+    assert _tracked(services, "store-gone").info.status == "FAILED"
+
+
+def test_no_secret_reaches_the_jobs_settings_logs_or_mlflow(faults_cluster, tmp_path: Path) -> None:
+    _, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    password = (
+        f"planted-mlflow-password-{os.urandom(8).hex()}"  # the server ignores it; it must travel nowhere
+    )
+    user = User(tmp_path / "user", services, cluster, {"MLFLOW_TRACKING_USERNAME": "someone",
+                                                       "MLFLOW_TRACKING_PASSWORD": password})  # fmt: skip
+    result = user.run(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "secrets",
+        *_settings(root, "epochs=1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    tracked = _tracked(services, "secrets")
+    places = {
+        "submit's output": result.stdout + result.stderr,
+        "the dashboard's jobs (entrypoint, runtime environment, metadata)": json.dumps(
+            cluster.get("/api/jobs/")
+        ),
+        "Ray Train's runs in the dashboard (their settings)": json.dumps(
+            cluster.get("/api/train/v2/runs/v1")
+        ),
+        "the MLflow run's params and tags": json.dumps([tracked.data.params, tracked.data.tags]),
+    }
+    for node in ("head", "w1", "w2"):
+        places[f"the Ray logs of {node}"] = cluster.read_logs(node)
+    assert all(places.values()), [place for place, text in places.items() if not text]  # each was read
+    secrets = {"the S3 secret key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "the MLflow password": password}
+    leaks = [f"{name} in {place}" for place, text in places.items() for name, secret in secrets.items()
+             if secret in text]  # fmt: skip
+    assert not leaks, leaks
+    print(f"searched {sum(len(text) for text in places.values()) / 1e6:.1f} MB in {len(places)} places")
+
+
+def test_a_lost_head_and_a_new_cluster_go_on_with_the_same_run(faults_cluster, tmp_path: Path) -> None:
+    net, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    sets = _settings(root)
+    run = user.start(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "headless", *sets
+    )
+    wait_until(
+        lambda: _whole_checkpoints(services, "headless") and len(_steps(services, "headless")) >= 5,
+        400, "a whole checkpoint and step 5",
+    )  # fmt: skip
+    # the head goes (Ray, the job's driver, Ray Train's controller), and with it the cluster, as
+    # KubeRay replaces a RayJob's cluster on a retry (backoffLimit)
+    for node in ("head", "w1", "w2"):
+        cluster.kill(node)
+    lost_at = max(_steps(services, "headless"))
+    resumed_from = max(step for step, _ in _whole_checkpoints(services, "headless"))
+    follow = run.communicate(timeout=120)[0]
+    assert run.returncode != 0, follow[-2000:]  # the user's `submit --follow` lost its job
+    cluster.stop()
+    started = time.monotonic()
+    holder["cluster"] = cluster = Cluster.start(net, services)
+    new_head_s = time.monotonic() - started
+    new_head_at = time.time()
+    user = User(tmp_path / "user", services, cluster)  # the new cluster's token
+    result = user.run(
+        "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "headless", *sets
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "resuming run 'headless' from" in result.stdout
+    tracked = _tracked(services, "headless")  # one MLflow run, as before the loss
+    assert tracked.info.status == "FINISHED"
+    _assert_every_step_once(services, "headless")
+    history = _client(services).get_metric_history(tracked.info.run_id, "train/step_loss")
+    first_new = min(m.timestamp for m in history if m.step > lost_at) / 1000
+    repeated = lost_at - resumed_from
+    print(
+        f"head lost after step {lost_at}; resumed from the checkpoint of step {resumed_from}: {repeated} "
+        f"steps trained again (a checkpoint every 2); new cluster up in {new_head_s:.0f} s, first new "
+        f"step {first_new - new_head_at:.0f} s after it"
+    )
+    assert 0 <= repeated <= 2
