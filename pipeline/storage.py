@@ -230,3 +230,116 @@ def patiently(action: Callable[[], T], what: str, give_up_s: float, say: Callabl
             outage_s = time.monotonic() - first_failure
             say(f"the object store answers again after {outage_s:.0f} s: {what} stored")
         return done
+
+
+class PatientHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem (`pafs.PyFileSystem(PatientHandler(fs, ...))`) that does what `fs`
+    does, each call tried again while the store fails (`patiently`). A file written through it is
+    spooled to a local temporary file and uploaded whole when closed, so that a failed upload is
+    retried from its first byte. Ray Train is given one for an object store
+    (`RunConfig.storage_filesystem`): its controller writes its checkpoint records and its workers
+    their checkpoints through it, and an outage shorter than `give_up_s` costs neither."""
+
+    def __init__(self, fs: pafs.FileSystem, give_up_s: float, logger: str = "resnet_pipe"):
+        self.fs, self.give_up_s, self.logger = fs, give_up_s, logger
+
+    def __reduce__(self):  # Ray sends the filesystem to its controller and workers
+        return PatientHandler, (self.fs, self.give_up_s, self.logger)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PatientHandler) and other.fs.equals(self.fs)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def _patiently(self, what: str, action: Callable[[], T]) -> T:
+        import logging
+
+        where = f"{self.fs.type_name}://{what}"
+        return patiently(action, where, self.give_up_s, logging.getLogger(self.logger).warning)
+
+    def get_type_name(self) -> str:
+        return f"patient+{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._patiently(", ".join(paths), lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._patiently(selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._patiently(path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._patiently(path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._patiently(path, lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        raise StorageError("refusing to delete everything in the store's root")
+
+    def delete_file(self, path: str) -> None:
+        self._patiently(path, lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._patiently(src, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._patiently(src, lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path: str):
+        return self._patiently(path, lambda: self.fs.open_input_stream(path))
+
+    def open_input_file(self, path: str):
+        return self._patiently(path, lambda: self.fs.open_input_file(path))
+
+    def open_output_stream(self, path: str, metadata):
+        import pyarrow as pa
+
+        return pa.PythonFile(_SpooledUpload(self, path), mode="w")
+
+    def open_append_stream(self, path: str, metadata):
+        raise StorageError(f"{path}: an object store does not append")
+
+    def upload(self, local: Path, path: str) -> None:
+        self._patiently(path, lambda: pafs.copy_files(str(local), path, pafs.LocalFileSystem(), self.fs))
+
+
+class _SpooledUpload:
+    """A file object that writes to a local temporary file and uploads it whole on close."""
+
+    def __init__(self, handler: PatientHandler, path: str):
+        import tempfile
+
+        self.handler, self.path = handler, path
+        self.spool = tempfile.NamedTemporaryFile(prefix="resnet-pipe-upload-", delete=False)
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.spool.write(data)
+
+    def flush(self) -> None:
+        self.spool.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.spool.close()
+        try:
+            self.handler.upload(Path(self.spool.name), self.path)
+        finally:
+            Path(self.spool.name).unlink(missing_ok=True)
+
+
+def patient_filesystem(location: Location, give_up_s: float) -> pafs.FileSystem | None:
+    """The filesystem of an object store `location`, made patient (`PatientHandler`); None for a
+    local folder, which needs none."""
+    return pafs.PyFileSystem(PatientHandler(location.fs, give_up_s)) if location.remote else None

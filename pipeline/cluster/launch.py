@@ -31,7 +31,7 @@ from pipeline.cluster.address import cluster_address
 from pipeline.cluster.finish import Outcome, finish, finish_again, planned_epochs
 from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import DatasetError, Index, load_index
-from pipeline.storage import Location, StorageError
+from pipeline.storage import Location, StorageError, patient_filesystem
 from pipeline.train import checkpoint
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.progress import Board, ProgressView
@@ -241,18 +241,29 @@ def submit(
         try:
             with view:
                 result = _fit_off_the_main_thread(trainer)
-            error = root_cause(str(result.error)) if result.error else None
+            detail = str(result.error) if result.error else None
             metrics = dict(result.metrics or {})
         except Exception as e:  # Ray Train V2 raises on a failed run
-            error, metrics = root_cause(f"{type(e).__name__}: {e}"), {}
+            detail, metrics = f"{type(e).__name__}: {e}", {}
+        if detail is not None:  # the whole of it, every worker's traceback, stays in the MLflow run
+            tracking.record_error(run_id, detail)
+        error = root_cause(detail) if detail is not None else None
         return finish(job, run_name, run_id, run_dir, index, error, metrics, register, say)
+
+
+WRAPPERS = ("TrainingFailedError", "ControllerError", "WorkerGroupError", "RayTaskError")
 
 
 def root_cause(error: str) -> str:
     """One line for a failed run: the last `SomeError: message` line of what Ray Train raised
-    (its text holds each failed worker's traceback, the cause last), else its first line."""
+    (its text wraps each failed worker's traceback, the cause last), passing over Ray's own
+    wrappers; else its first line."""
     lines = error.strip().splitlines()
-    causes = [line.strip() for line in lines if re.match(r"^\s*[\w.]*(Error|Exception|Interrupt): ", line)]
+    causes = []
+    for line in lines:
+        found = re.search(r"([\w.]*(?:Error|Exception|Interrupt)): (.*\S)", line)
+        if found and not found.group(1).endswith(WRAPPERS) and not found.group(2).endswith(":"):
+            causes.append(found.group(0))
     return causes[-1] if causes else (lines[0] if lines else error)
 
 
@@ -275,7 +286,10 @@ def _trainer(job: Job, run_name: str, storage: Location, loop_config: dict) -> T
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage.uri,
+            # an object store through a filesystem that retries while the store fails (its path
+            # then without the scheme): Ray's controller records its checkpoints there too
+            storage_path=storage.path if storage.remote else storage.uri,
+            storage_filesystem=patient_filesystem(storage, job.run.storage_outage_s),
             failure_config=ray.train.FailureConfig(max_failures=job.run.max_failures),
             # the best k by val/top1 stay, and Ray always keeps the latest as well
             checkpoint_config=ray.train.CheckpointConfig(

@@ -238,6 +238,13 @@ def record_changes(run_id: str, changes: dict[str, tuple], step: int) -> None:
     client.set_tag(run_id, "settings_changed", f"{earlier}; {entry}" if earlier else entry)
 
 
+def record_error(run_id: str, text: str) -> None:
+    """What a failed run raised, whole, as the artifact `error.txt`; a tracking server that
+    cannot take it is passed by (the run's end says what else failed)."""
+    with contextlib.suppress(MlflowException, OSError), bounded_retries():
+        MlflowClient(tracking_uri()).log_text(run_id, text, "error.txt")
+
+
 @contextlib.contextmanager
 def bounded_retries(retries: int = 2):
     """In this block MLflow's client retries a failing request `retries` times (after 2 s, then

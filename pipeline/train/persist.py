@@ -20,7 +20,7 @@ import ray.train
 import torch
 
 from pipeline.data.loader import Loader
-from pipeline.storage import Location, patiently
+from pipeline.storage import Location, PatientHandler, patiently
 from pipeline.train import checkpoint, usage
 from pipeline.train.step import gather_objects
 from pipeline.train.worker import State, Worker
@@ -112,10 +112,15 @@ def save_and_report(
     Rank 0 writes the checkpoint to a local folder and Ray Train uploads it to the run's storage
     in the background (CheckpointUploadMode.ASYNC, deleting the local copy once it is there), so
     the workers go on training while a large checkpoint (about 720 MB for r152 with EMA) travels;
-    a resume takes the latest checkpoint whose upload completed. `train/checkpoint_s` is how
-    long the workers waited here.
+    a resume takes the latest checkpoint whose upload completed. One upload is in flight at most:
+    rank 0 waits here for the previous one, so that a store slower than training holds training
+    back rather than letting checkpoints pile up on the node (and a lost node costs at most two
+    checkpoint intervals, one when uploads take less than an interval). `train/checkpoint_s` is
+    how long the workers waited here.
     """
     started = time.perf_counter()
+    if worker.uploads:  # one upload in flight at most: a store slower than training holds it back
+        worker.uploads[-1].wait()  # (the other ranks wait at the gather below)
     mine = {"loader": loader.state(), "torch_rng": torch.get_rng_state(), "system": usage.sample()}
     ranks = gather_objects(mine)
     node_usage = usage.per_node([r.pop("system") for r in ranks])
@@ -163,10 +168,11 @@ def _upload(
         source = Path(local.path)
         for file in sorted(source.iterdir(), key=lambda f: (f.name == checkpoint.META, f.name)):
             to = f"{target}/{file.name}"
-            copy = functools.partial(pafs.copy_files, str(file), to, pafs.LocalFileSystem(), fs)
-            patiently(
-                copy, f"{worker.run_dir}/{name}/{file.name}", worker.job.run.storage_outage_s, log.warning
-            )
+            if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, PatientHandler):
+                fs.handler.upload(file, to)  # an object store's: retried while the store fails
+            else:  # a folder all nodes mount
+                copy = functools.partial(pafs.copy_files, str(file), to, pafs.LocalFileSystem(), fs)
+                patiently(copy, to, worker.job.run.storage_outage_s, log.warning)
         worker.logger.log_metrics({"train/checkpoint_upload_s": time.perf_counter() - started}, step=step)
         shutil.rmtree(source, ignore_errors=True)
         return ray.train.Checkpoint(target, filesystem=fs)

@@ -373,6 +373,17 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
         kill_all(self.net.namespaces[node])
         self.nodes[node].wait(timeout=30)
 
+    @contextlib.contextmanager
+    def small_disk(self, node: str, folder: str, size: str) -> Iterator[None]:
+        """`folder` on the node's own disk made a tmpfs of `size` (as a small volume mounted there)."""
+        enter = ["nsenter", "-t", str(self.nodes[node].pid), "-m"]
+        sh(*enter, "mkdir", "-p", folder)
+        sh(*enter, "mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder)
+        try:
+            yield
+        finally:
+            sh(*enter, "umount", "-l", folder, check=False)
+
     def read_logs(self, node: str) -> str:
         """Every log file of the node's Ray sessions, and its `ray start` output, as one text."""
         pid = str(self.nodes[node].pid)
@@ -455,15 +466,17 @@ def blocked(port: int, source: str | None = None, action: str = "REJECT") -> Ite
 
 @contextlib.contextmanager
 def slowed(net: Network, node: str, port: int, rate: str = "8mbit") -> Iterator[None]:
-    """What `node` sends to `port` (on any host) held to `rate` by tc netem on its interface,
-    the rest of its traffic untouched: 8mbit is 1 MB/s."""
+    """What `node` sends to `port` (on any host) held to `rate` by tc on its interface (an htb
+    class that a u32 filter sends that port's packets to), the rest of its traffic untouched:
+    8mbit is 1 MB/s."""
     ns, device = net.namespaces[node], f"rp{net.tag}{NODES.index(node)}n"
     tc = ["ip", "netns", "exec", ns, "tc"]
-    sh(*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "prio")
+    sh(*tc, "qdisc", "add", "dev", device, "root", "handle", "1:", "htb", "default", "20")
     try:
-        sh(*tc, "qdisc", "add", "dev", device, "parent", "1:3", "handle", "30:", "netem", "rate", rate)
-        sh(*tc, "filter", "add", "dev", device, "protocol", "ip", "parent", "1:0", "prio", "3", "u32",
-           "match", "ip", "dport", str(port), "0xffff", "flowid", "1:3")  # fmt: skip
+        sh(*tc, "class", "add", "dev", device, "parent", "1:", "classid", "1:10", "htb", "rate", rate)
+        sh(*tc, "class", "add", "dev", device, "parent", "1:", "classid", "1:20", "htb", "rate", "10gbit")
+        sh(*tc, "filter", "add", "dev", device, "protocol", "ip", "parent", "1:0", "prio", "1", "u32",
+           "match", "ip", "dport", str(port), "0xffff", "flowid", "1:10")  # fmt: skip
         yield
     finally:
         sh(*tc, "qdisc", "del", "dev", device, "root", check=False)
@@ -498,6 +511,13 @@ class User:
             [str(BIN / "resnet-pipe"), *words], cwd=self.folder, env=self.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )  # fmt: skip
+
+    def output(self, process: subprocess.Popen, timeout_s: float = 900) -> str:
+        """What a command of `start` printed, once it has ended (kept in `commands.log` too)."""
+        said = process.communicate(timeout=timeout_s)[0]
+        with (self.folder.parent / "commands.log").open("a") as log:
+            log.write(f"$ resnet-pipe {' '.join(process.args[1:])}\n{said}[exit {process.returncode}]\n")
+        return said
 
     def upload(self, prepared_dataset: Path, name: str) -> str:
         """The dataset prepared with shards and uploaded to the bucket, its local copy removed;

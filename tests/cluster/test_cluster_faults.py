@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -75,9 +76,9 @@ def _steps(services: Services, run_name: str, key: str = "train/step_loss") -> l
     return [m.step for m in _client(services).get_metric_history(run.info.run_id, key)] if run else []
 
 
-def _assert_every_step_once(services: Services, run_name: str) -> None:
-    assert sorted(_steps(services, run_name, "val/top1")) == list(range(EPOCHS))
-    assert sorted(_steps(services, run_name)) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+def _assert_every_step_once(services: Services, run_name: str, epochs: int = EPOCHS) -> None:
+    assert sorted(_steps(services, run_name, "val/top1")) == list(range(epochs))
+    assert sorted(_steps(services, run_name)) == list(range(1, epochs * STEPS_PER_EPOCH + 1))
 
 
 @functools.cache
@@ -249,7 +250,7 @@ def test_a_tracking_server_restarted_mid_run_loses_no_metric_step(faults_cluster
     time.sleep(15)  # the outage: the run trains on, its metrics wait in memory
     services.start_mlflow()
     print(f"MLflow was down {time.monotonic() - stopped:.0f} s")
-    output = run.communicate(timeout=600)[0]
+    output = user.output(run, 600)
     assert run.returncode == 0, output[-4000:]
     assert "MLflow is unreachable" in output and "MLflow answers again" in output
     tracked = _tracked(services, "tracking-restart")
@@ -272,7 +273,7 @@ def test_a_store_refused_at_registration_ends_the_run_finished_and_register_comp
     # the tracking server's artifact store refuses it from now on (the nodes still reach the
     # bucket: checkpoints go on); the registration at the end uploads through the server
     with blocked(services.s3_port, source=net.host_ip):
-        output = run.communicate(timeout=600)[0]
+        output = user.output(run, 600)
     assert run.returncode == 1, output[-4000:]
     assert "SUCCEEDED" not in output or "not registered" in output
     lines = [line for line in output.splitlines() if "its model is not registered" in line]
@@ -312,7 +313,7 @@ def test_a_tracking_server_gone_at_the_end_leaves_a_stored_result_and_register_c
     )
     services.stop_mlflow()
     try:
-        output = run.communicate(timeout=600)[0]
+        output = user.output(run, 600)
     finally:
         services.start_mlflow()
     assert run.returncode == 1, output[-4000:]
@@ -357,6 +358,29 @@ def _assert_whole_in_bucket(services: Services, run_name: str) -> int:
     return len(whole)
 
 
+def test_a_full_staging_disk_on_one_node_is_refused_in_one_line_naming_it(
+    faults_cluster, tmp_path: Path
+) -> None:
+    _, services, holder, root = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    cache = "/tmp/resnet-pipe/datasets"  # data.cache_dir's default, on w2 a 64 kB volume
+    with cluster.small_disk("w2", cache, "64k"):
+        result = user.run(
+            "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "full-disk",
+            *_settings(root, "run.max_failures=0", f"data.cache_dir='{cache}'"),
+        )  # fmt: skip
+    assert result.returncode != 0
+    failed = [line for line in result.stdout.splitlines() if line.startswith("error: training failed:")]
+    assert failed, result.stdout[-3000:]
+    assert re.search(
+        rf"the dataset cache {cache} on rp-w2 has [\d.]+ MB free; staging needs [\d.]+ MB", failed[0]
+    )
+    print(failed[0])
+    assert not _steps(services, "full-disk")  # no step trained on a part of the dataset
+    assert _tracked(services, "full-disk").info.status == "FAILED"
+
+
 def test_an_object_store_down_60_s_then_slowed_to_1_mb_s_costs_the_run_nothing(
     faults_cluster, tmp_path: Path
 ) -> None:
@@ -375,7 +399,7 @@ def test_an_object_store_down_60_s_then_slowed_to_1_mb_s_costs_the_run_nothing(
         time.sleep(60)
     up_at = time.time()
     with slowed(net, rank0, services.s3_port, "8mbit"):  # rank 0's uploads at 1 MB/s, to the end
-        output = run.communicate(timeout=900)[0]
+        output = user.output(run, 900)
     assert run.returncode == 0, output[-4000:]
     outage = [line for line in output.splitlines() if "the object store did not take" in line]
     back = [line for line in output.splitlines() if "the object store answers again" in line]
@@ -411,7 +435,7 @@ def test_an_object_store_down_past_its_limit_fails_the_run_in_one_line_keeping_i
     )
     wait_until(lambda: _whole_checkpoints(services, "store-gone"), 300, "the run's first whole checkpoint")
     with blocked(services.s3_port):
-        output = run.communicate(timeout=600)[0]
+        output = user.output(run, 600)
     assert run.returncode != 0, output[-4000:]
     failed = [line for line in output.splitlines() if line.startswith("error: training failed:")]
     assert failed and "the object store did not take" in failed[0] and "run.storage_outage_s" in failed[0], (
@@ -460,21 +484,19 @@ def test_a_lost_head_and_a_new_cluster_go_on_with_the_same_run(faults_cluster, t
     net, services, holder, root = faults_cluster
     cluster: Cluster = holder["cluster"]
     user = User(tmp_path / "user", services, cluster)
-    sets = _settings(root)
+    # ResNet-20: its checkpoints upload within a step, as a large model's do within the hundreds
+    # of steps between its checkpoints
+    sets = _settings(root, "model.arch='cifar_resnet20'", "epochs=8")
     run = user.start(
         "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "headless", *sets
     )
-    wait_until(
-        lambda: _whole_checkpoints(services, "headless") and len(_steps(services, "headless")) >= 5,
-        400, "a whole checkpoint and step 5",
-    )  # fmt: skip
+    wait_until(lambda: len(_steps(services, "headless")) >= 10, 400, "step 10 in MLflow")
     # the head goes (Ray, the job's driver, Ray Train's controller), and with it the cluster, as
     # KubeRay replaces a RayJob's cluster on a retry (backoffLimit)
     for node in ("head", "w1", "w2"):
         cluster.kill(node)
     lost_at = max(_steps(services, "headless"))
-    resumed_from = max(step for step, _ in _whole_checkpoints(services, "headless"))
-    follow = run.communicate(timeout=120)[0]
+    follow = user.output(run, 120)
     assert run.returncode != 0, follow[-2000:]  # the user's `submit --follow` lost its job
     cluster.stop()
     started = time.monotonic()
@@ -487,9 +509,10 @@ def test_a_lost_head_and_a_new_cluster_go_on_with_the_same_run(faults_cluster, t
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "resuming run 'headless' from" in result.stdout
+    resumed_from = int(re.search(r"resuming at epoch \d+, step (\d+)", result.stdout).group(1))
     tracked = _tracked(services, "headless")  # one MLflow run, as before the loss
     assert tracked.info.status == "FINISHED"
-    _assert_every_step_once(services, "headless")
+    _assert_every_step_once(services, "headless", epochs=8)
     history = _client(services).get_metric_history(tracked.info.run_id, "train/step_loss")
     first_new = min(m.timestamp for m in history if m.step > lost_at) / 1000
     repeated = lost_at - resumed_from
