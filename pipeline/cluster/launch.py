@@ -264,7 +264,12 @@ def root_cause(error: str) -> str:
         found = re.search(r"([\w.]*(?:Error|Exception|Interrupt)): (.*\S)", line)
         if found and not found.group(1).endswith(WRAPPERS) and not found.group(2).endswith(":"):
             causes.append(found.group(0))
-    return causes[-1] if causes else (lines[0] if lines else error)
+    if causes:
+        return causes[-1]
+    # a wrapper ("ControllerError: Training failed due to controller error:") followed by the
+    # cause's message alone
+    after = [line.strip() for line in lines[1:] if line.strip()]
+    return after[0] if lines and lines[0].rstrip().endswith(":") and after else (lines[0] if lines else error)
 
 
 def _trainer(job: Job, run_name: str, storage: Location, loop_config: dict) -> TorchTrainer:
