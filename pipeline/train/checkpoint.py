@@ -146,13 +146,13 @@ def latest(run: Path | Location) -> Location | None:
     return max(found)[1] if found else None
 
 
-def newest_first(run: Path | Location) -> list[Location]:
-    """The run's checkpoint folders, highest step first: where a resume looks for the newest one
-    that `load` reads whole."""
-    return [
-        folder
-        for _, _, folder in sorted(((m["step"], f.name, f) for m, f in _checkpoints(run)), reverse=True)
+def newest_first(run: Path | Location, before_step: int | None = None) -> list[Location]:
+    """The run's checkpoint folders, highest step first (those of steps below `before_step`
+    only, when given): where a resume looks for the newest one that `load` reads whole."""
+    found = [
+        (m["step"], f.name, f) for m, f in _checkpoints(run) if before_step is None or m["step"] < before_step
     ]
+    return [folder for _, _, folder in sorted(found, reverse=True)]
 
 
 def best(run: Path | Location) -> Location | None:

@@ -81,7 +81,7 @@ def _whole_checkpoint(worker: Worker) -> dict | None:
         return None
     latest = worker.run_dir / saved.path.rstrip("/").rsplit("/", 1)[-1]
     step = checkpoint.read_meta(latest)["step"]
-    earlier = [c for c in checkpoint.newest_first(worker.run_dir) if checkpoint.read_meta(c)["step"] < step]
+    earlier = checkpoint.newest_first(worker.run_dir, before_step=step)  # each meta.json read once
     problem = None
     for folder in [latest, *earlier]:
         try:
