@@ -166,6 +166,8 @@ def _upload(
         storage = ray.train.get_context().get_storage()
         fs, target = storage.storage_filesystem, f"{storage.experiment_fs_path}/{name}"
         source = Path(local.path)
+        if not isinstance(fs, pafs.PyFileSystem):  # a folder all nodes mount: it has real folders
+            fs.create_dir(target, recursive=True)
         for file in sorted(source.iterdir(), key=lambda f: (f.name == checkpoint.META, f.name)):
             to = f"{target}/{file.name}"
             if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, PatientHandler):
