@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,19 +324,8 @@ def bench_serve(
     and mlflow models serve. `root`: a prepared dataset (the bench model's classes, and int8's
     calibration images); `images_from`: the JPEGs to send (default: those of `root`)."""
     root = root.resolve()  # the bench works in a folder of its own
-    folder = (images_from or root).resolve()
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:64]
-    if not files:
-        raise ValueError(f"no images under {folder}")
-    images = [p.read_bytes() for p in files]
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as scope:
-        if model is None:  # a model of our own, in a store of our own: the user's stays clean
-            scope.enter_context(contextlib.chdir(tmp))
-            scope.enter_context(tracking_at(f"sqlite:///{tmp}/mlflow.db"))
-            model = _bench_model(root)
-        else:
-            scope.enter_context(tracking_at(tracking_uri()))  # the user's store, absolute
-            model = _fixed_version(model)
+    images = images_to_send(images_from or root)
+    with served_model(root, model) as model:
         _graphs(model, kinds, str(root))
         # The common ceiling in two halves, before and after the deployments, so that a machine
         # whose speed drifts during the bench moves the ceiling as it moves the servers.
@@ -356,6 +345,31 @@ def bench_serve(
         ]
         rows = [ceiling, *passes, *served, _mlflow_serve(model, images, clients, seconds)]
     return rows
+
+
+def images_to_send(folder: Path) -> list[bytes]:
+    """The bytes of the first 64 images under `folder`, in name order; ValueError if none."""
+    folder = folder.resolve()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:64]
+    if not files:
+        raise ValueError(f"no images under {folder}")
+    return [p.read_bytes() for p in files]
+
+
+@contextlib.contextmanager
+def served_model(root: Path, model: str | None) -> Iterator[str]:
+    """MODEL/VERSION for a bench to serve, with the tracking store it is in made current: `model`
+    (MODEL@ALIAS or MODEL/VERSION) fixed to its version in the user's store, or by default a
+    freshly initialised one registered in a store of the bench's own, in a folder of its own,
+    so that the user's runs and registry stay untouched."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as scope:
+        if model is None:
+            scope.enter_context(contextlib.chdir(tmp))
+            scope.enter_context(tracking_at(f"sqlite:///{tmp}/mlflow.db"))
+            yield _bench_model(root)
+        else:
+            scope.enter_context(tracking_at(tracking_uri()))  # the user's store, absolute
+            yield _fixed_version(model)
 
 
 def _graphs(model: str, kinds: tuple[tuple[str, str], ...], root: str) -> None:

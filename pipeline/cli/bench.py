@@ -1,4 +1,4 @@
-"""`resnet-pipe bench data | train | serve`: each runs the competitor side by side and prints the
+"""`resnet-pipe bench data | train | serve | soak`: each runs the competitor side by side and prints the
 ratio."""
 
 from __future__ import annotations
@@ -169,6 +169,59 @@ def bench_serve(
             f"{row.agreement:.3f}" if row.agreement is not None else "-",
         ))  # fmt: skip
     print_table(table)
+
+
+@bench.command("soak")
+@_root_option("A prepared dataset (the bench model's classes).")
+@click.option(
+    "--images", type=click.Path(path_type=Path), default=None, help="JPEGs to send (default: --root's)."
+)
+@click.option(
+    "--model", default=None, help="MODEL@ALIAS or MODEL/VERSION (default: a fresh 224 px ResNet-50)."
+)
+@click.option("--minutes", default=10, show_default=True, type=click.IntRange(1), help="Minutes of load.")
+@click.option("--clients", type=click.IntRange(1), default=None, help="The load [the knee, found first].")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--batch", default=4, show_default=True, help="Max batch size of each replica.")
+@click.option("--sweep-seconds", default=15.0, show_default=True, help="Seconds a step of the sweep.")
+def bench_soak(
+    root: Path,
+    images: Path | None,
+    model: str | None,
+    minutes: int,
+    clients: int | None,
+    replicas: int,
+    batch: int,
+    sweep_seconds: float,
+) -> None:
+    """The deployment held at the knee of its closed-loop load (found first, as `bench serve`
+    drives it) for --minutes: requests/s, p50 and p99 and errors each minute, and each replica's
+    memory at the start and the end (aims: no error, growth under 5 %)."""
+    from pipeline.bench.soak import soak
+
+    check_prepared(root)
+    if images is not None and not images.is_dir():
+        fail(f"--images {images} is not a folder of images")
+    result = soak(
+        root, images, model, minutes, clients, replicas, batch, sweep_s=sweep_seconds, say=click.echo
+    )
+    table = [("minute", "requests/s", "p50 ms", "p99 ms", "failed", "replicas' memory MB")]
+    for number, minute in enumerate(result.minutes, start=1):
+        row = minute.row
+        memory = ", ".join(f"{mb:.0f}" for mb in minute.rss_mb.values())
+        table.append((str(number), f"{row.per_s:.2f}", f"{row.p50_ms:.0f}", f"{row.p99_ms:.0f}",
+                      str(row.failed + minute.restarted), memory))  # fmt: skip
+    click.echo()
+    print_table(table)
+    sent = sum(m.row.per_s * 60 for m in result.minutes)
+    growth = ", ".join(
+        f"{result.start_rss_mb[r]:.0f} -> {result.minutes[-1].rss_mb[r]:.0f} MB ({g:+.1%})"
+        for r, g in result.growth().items()
+    )
+    click.echo(f"load: {result.clients} clients{' (the knee)' if result.sweep else ''}")
+    click.echo(f"errors: {result.failed()} in about {sent:.0f} requests (aim: none)")
+    growth = growth or "no replica kept its process"
+    click.echo(f"replica memory, start -> end: {growth} (aim: growth under 5 %)")
 
 
 def _print_ratios(results: list, title: str, ratio_title: str) -> None:

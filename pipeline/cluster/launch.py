@@ -52,7 +52,22 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": 
 # load balancer can take it out of rotation; the HAProxy of a Ray we start is on the same
 # machine and told at once: 2 s (deleting the app took 31 s, now 3). Serve's controller and
 # replicas read these when they start; set in the environment, the user's values win.
-LOCAL_RAY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+# A replica that dies with requests in flight (its process killed, its node lost): HAProxy sends
+# each of them again, to another replica, where Ray's template retries only a connection that
+# failed (`conn-failure`: nothing reached the replica). Every route of the app is inference or a
+# read, so answering a request twice costs time, never a wrong answer; a 503 (the queue full) is
+# not retried. HAProxy replays only a request whose body it still holds: a buffer of 256 KiB
+# (Ray's 16 KiB held no 224 px photo; ImageNet's JPEGs average about 110 KB). On a cluster, set
+# these in every node's environment (deploy/kubernetes/rayservice.yaml; docs/reliability.md).
+SERVE_RETRY_ENV = {
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024),
+}
+LOCAL_RAY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    **SERVE_RETRY_ENV,
+}
 SERVE_SIDE_PORTS = (
     "RAY_SERVE_HAPROXY_STATS_PORT",
     "RAY_SERVE_HAPROXY_METRICS_PORT",

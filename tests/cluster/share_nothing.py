@@ -239,6 +239,7 @@ class Cluster:
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    node_env: dict[str, str] = field(default_factory=dict)  # the test's own settings for every node
 
     @property
     def job_server(self) -> str:
@@ -252,10 +253,10 @@ class Cluster:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     @classmethod
-    def start(cls, net: Network, services: Services) -> Cluster:
+    def start(cls, net: Network, services: Services, node_env: dict[str, str] | None = None) -> Cluster:
         stage = Path(f"/run/resnet-pipe-test-{net.tag}")
         stage.mkdir(parents=True)
-        cluster = cls(net, secrets.token_hex(16), stage)
+        cluster = cls(net, secrets.token_hex(16), stage, node_env=node_env or {})
         env = {
             "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
             "HOME": "/tmp/home",
@@ -273,6 +274,7 @@ class Cluster:
             "AWS_ENDPOINT_URL": services.s3_url,  # the node's own settings, as a Secret gives a pod
             **CREDENTIALS,
             **cluster.client_env(),
+            **cluster.node_env,
         }
         head = net.ip("head")
         common = ["--object-store-memory=100000000", "--disable-usage-stats", "--block"]
@@ -412,14 +414,17 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
 
 
 @contextlib.contextmanager
-def share_nothing(folder: Path) -> Iterator[tuple[Network, Services, dict[str, Cluster]]]:
+def share_nothing(
+    folder: Path, node_env: dict[str, str] | None = None
+) -> Iterator[tuple[Network, Services, dict[str, Cluster]]]:
     """The network, the services and the cluster (in a dict under "cluster": a test that loses the
-    whole cluster puts its new one there), removed at the end, leaving no namespace or link."""
+    whole cluster puts its new one there, `Cluster.start(net, services, cluster.node_env)`), removed
+    at the end, leaving no namespace or link. `node_env`: more of every node's environment."""
     net = Network.create()
     try:
         services = Services.start(net, folder / "services")
         try:
-            holder = {"cluster": Cluster.start(net, services)}
+            holder = {"cluster": Cluster.start(net, services, node_env)}
             try:
                 yield net, services, holder
             finally:

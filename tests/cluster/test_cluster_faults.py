@@ -7,17 +7,22 @@ prints it (docs/reliability.md has them); `make test-faults` runs this module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import http.client
 import json
 import os
 import re
 import signal
+import statistics
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import boto3
 import pytest
+from conftest import register_untrained, small_job
 from mlflow.tracking import MlflowClient
 from share_nothing import (
     BUCKET,
@@ -31,6 +36,8 @@ from share_nothing import (
     wait_until,
 )
 
+from pipeline.cluster.launch import SERVE_RETRY_ENV
+
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 EPOCHS, STEPS_PER_EPOCH = 3, 3  # 50 training images, global batch 16
 
@@ -38,7 +45,10 @@ EPOCHS, STEPS_PER_EPOCH = 3, 3  # 50 training images, global batch 16
 @pytest.fixture(scope="module")
 def faults_cluster(tmp_path_factory: pytest.TempPathFactory, prepared_dataset: Path):
     folder = tmp_path_factory.mktemp("faults")
-    with share_nothing(folder) as (net, services, holder):
+    # Serve as docs/reliability.md sets it up on a cluster: HAProxy in front of the replicas, sending
+    # a request that a dying replica dropped to another one
+    serving = {"RAY_SERVE_ENABLE_HA_PROXY": "1", **SERVE_RETRY_ENV}
+    with share_nothing(folder, node_env=serving) as (net, services, holder):
         user = User(folder / "uploader", services, holder["cluster"])
         root = user.upload(prepared_dataset, "faults")
         yield net, services, holder, root
@@ -480,6 +490,103 @@ def test_no_secret_reaches_the_jobs_settings_logs_or_mlflow(faults_cluster, tmp_
     print(f"searched {sum(len(text) for text in places.values()) / 1e6:.1f} MB in {len(places)} places")
 
 
+class _ClosedLoop:
+    """`clients` threads, each sending the image and waiting for the answer before the next, on a
+    new connection each time (no client retry of any kind: a request that fails is counted);
+    every request kept as (sent at, seconds, status or error)."""
+
+    def __init__(self, url: str, image: bytes, clients: int):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        self.image, self.stop = image, threading.Event()
+        self.requests: list[tuple[float, float, int | str]] = []
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
+            sent = time.monotonic()
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=120)
+            try:
+                connection.request("POST", "/predict", self.image, {"Content-Type": "image/jpeg"})
+                answer = connection.getresponse()
+                answer.read()
+                outcome: int | str = answer.status
+            except (OSError, http.client.HTTPException) as e:
+                outcome = f"{type(e).__name__}: {e}"
+            finally:
+                connection.close()
+            self.requests.append((sent, time.monotonic() - sent, outcome))
+
+    def answered(self) -> int:
+        return sum(outcome == 200 for _, _, outcome in self.requests)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def _replicas(cluster: Cluster) -> list[dict]:
+    """The serving app's replicas (Serve's REST API): replica_id, state, pid, node_ip, ..."""
+    applications = cluster.get("/api/serve/applications/").get("applications") or {}
+    app = applications.get("resnet-pipe")
+    if not app:
+        return []
+    return [replica for deployment in app["deployments"].values() for replica in deployment["replicas"]]
+
+
+def test_a_replica_killed_under_load_fails_no_request(
+    faults_cluster, prepared_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net, services, holder, _ = faults_cluster
+    cluster: Cluster = holder["cluster"]
+    user = User(tmp_path / "user", services, cluster)
+    monkeypatch.chdir(tmp_path)  # registered here, through the tracking server, into the bucket
+    version = register_untrained(small_job(prepared_dataset, 1, "model.arch='resnet18'"), "replica-kill")
+    image = next((prepared_dataset / "val").rglob("*.JPEG")).read_bytes()
+    deploy = user.start(
+        "deploy", f"{version.name}/{version.version}", "--address", cluster.ray_client, "--host", "0.0.0.0",
+        "--port", "8000", "--replicas", "2", "--no-compile",
+    )  # fmt: skip
+    url = f"http://{net.ip('head')}:8000"
+    load = None
+    try:
+
+        def serving(count: int, without: str | None = None) -> bool:
+            assert deploy.poll() is None, f"deploy exited {deploy.returncode}: {deploy.stdout.read()[-3000:]}"
+            replicas = _replicas(cluster)
+            return sum(r["state"] == "RUNNING" and r["replica_id"] != without for r in replicas) == count
+
+        wait_until(lambda: serving(2), 300, "2 replicas serving")
+        load = _ClosedLoop(url, image, clients=4)
+        wait_until(lambda: load.answered() >= 40, 120, "40 answers before the kill")
+        victim = _replicas(cluster)[0]
+        os.kill(victim["pid"], signal.SIGKILL)  # the replica's process, mid-stream
+        killed = time.monotonic()
+        wait_until(lambda: serving(2, without=victim["replica_id"]), 180, "2 replicas serving again")
+        back_s = time.monotonic() - killed
+        wait_until(lambda: time.monotonic() - killed >= 60, 90, "a minute of load after the kill")
+    finally:
+        if load is not None:
+            load.finish()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(deploy.pid, signal.SIGTERM)
+        said = user.output(deploy, 120)
+    failed = [(round(at - killed, 2), outcome) for at, _, outcome in load.requests if outcome != 200]
+    recovery = [took for at, took, _ in load.requests if killed <= at < killed + 60]
+    p99 = statistics.quantiles(recovery, n=100)[98] * 1000
+    before = [took for at, took, _ in load.requests if at < killed]
+    print(
+        f"replica {victim['replica_id']} killed on {cluster.node_of(victim['node_ip'])}: {len(failed)} of "
+        f"{len(load.requests)} requests failed; p99 {p99:.0f} ms in the minute after the kill "
+        f"({statistics.quantiles(before, n=100)[98] * 1000:.0f} ms before it, {len(recovery)} requests); "
+        f"2 replicas serving again after {back_s:.1f} s"
+    )
+    assert not failed, (failed[:20], said[-3000:])
+
+
 def test_a_lost_head_and_a_new_cluster_go_on_with_the_same_run(faults_cluster, tmp_path: Path) -> None:
     net, services, holder, root = faults_cluster
     cluster: Cluster = holder["cluster"]
@@ -500,7 +607,7 @@ def test_a_lost_head_and_a_new_cluster_go_on_with_the_same_run(faults_cluster, t
     assert run.returncode != 0, follow[-2000:]  # the user's `submit --follow` lost its job
     cluster.stop()
     started = time.monotonic()
-    holder["cluster"] = cluster = Cluster.start(net, services)
+    holder["cluster"] = cluster = Cluster.start(net, services, cluster.node_env)
     new_head_s = time.monotonic() - started
     new_head_at = time.time()
     user = User(tmp_path / "user", services, cluster)  # the new cluster's token

@@ -256,3 +256,15 @@ def test_a_misspelt_instruction_or_flag_fails_the_dockerfile(tmp_path: Path) -> 
     for wrong in (text.replace("\nWORKDIR ", "\nWRKDIR "), text.replace("COPY --chown=", "COPY --chwn=")):
         assert wrong != text
         assert _hadolint(wrong, tmp_path).returncode != 0
+
+
+def test_every_node_of_the_rayservice_serves_behind_haproxy_with_the_retries_of_a_local_deploy() -> None:
+    from pipeline.cluster.launch import LOCAL_RAY_ENV, SERVE_RETRY_ENV
+
+    service = _kube("rayservice.yaml", "RayService")["spec"]["rayClusterConfig"]
+    groups = [service["headGroupSpec"], *service["workerGroupSpecs"]]
+    wanted = {"RAY_SERVE_ENABLE_HA_PROXY": LOCAL_RAY_ENV["RAY_SERVE_ENABLE_HA_PROXY"], **SERVE_RETRY_ENV}
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {item["name"]: item.get("value") for item in container.get("env", [])}
+            assert {key: env.get(key) for key in wanted} == wanted, container["name"]
