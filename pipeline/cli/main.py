@@ -200,7 +200,6 @@ def submit(
             check_storage(job)
         except ClusterError as e:
             fail(str(e))
-        _attach_if_running(address, run_name or job.name, follow)
     _check_storage(job, resume, remote)
     if address is not None:
         try:
@@ -208,6 +207,7 @@ def submit(
         except NoTrackingServer as e:
             fail(str(e))
     if remote:
+        _attach_if_running(address, run_name or job.name, follow)
         flags = ["--resume", run_name] if resume else ["--name", run_name or job.name]
         _submit_remote(
             address, job_name, overrides, flags + (["--allow-changes"] if allow_changes else []), job, follow
@@ -313,7 +313,10 @@ def _attach_if_running(address: str, run_name: str, follow: bool) -> None:
     it) is not submitted a second time: this follows it (with `follow`) or says how, and exits."""
     from pipeline.cluster import jobs as cluster
 
-    running = cluster.running_job(address, run_name)
+    try:
+        running = cluster.running_job(address, run_name)
+    except cluster.ClusterError as e:
+        fail(str(e))
     if running is None:
         return
     click.echo(f"run '{run_name}' is running already as {running} on {address}: not submitted again")
@@ -361,13 +364,22 @@ def _say_result(metadata: dict[str, str]) -> None:
 ADDRESS_HELP = "The job server, http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)."
 
 
+def _jobs(address: str | None):
+    """The cluster's Job Submission client; exits 2 with one line when its job server does not
+    answer."""
+    from pipeline.cluster import jobs as cluster
+
+    try:
+        return cluster.client(address)
+    except cluster.ClusterError as e:
+        fail(str(e))
+
+
 @main.command("list")
 @click.option("--address", default=None, help=ADDRESS_HELP)
 def list_jobs(address: str | None) -> None:
     """The cluster's jobs: id, status, job and run."""
-    from pipeline.cluster import jobs as cluster
-
-    for info in sorted(cluster.client(address).list_jobs(), key=lambda i: i.start_time or 0):
+    for info in sorted(_jobs(address).list_jobs(), key=lambda i: i.start_time or 0):
         meta = info.metadata or {}
         click.echo(
             f"{info.submission_id}  {info.status.value:<9}  {meta.get('job', '-')}  {meta.get('run', '-')}"
@@ -379,9 +391,7 @@ def list_jobs(address: str | None) -> None:
 @click.option("--address", default=None, help=ADDRESS_HELP)
 def job_status(submission_id: str, address: str | None) -> None:
     """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from pipeline.cluster import jobs as cluster
-
-    info = cluster.client(address).get_job_info(submission_id)
+    info = _jobs(address).get_job_info(submission_id)
     click.echo(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
 
 
@@ -391,11 +401,10 @@ def job_status(submission_id: str, address: str | None) -> None:
 @click.option("--follow", is_flag=True, help="Keep streaming until the job ends.")
 def job_logs(submission_id: str, address: str | None, follow: bool) -> None:
     """A job's logs."""
-    from pipeline.cluster import jobs as cluster
-
+    client = _jobs(address)  # the job server answers, or one line says it does not
     if follow:
         _follow(address, submission_id)
-    click.echo(cluster.client(address).get_job_logs(submission_id), nl=False)
+    click.echo(client.get_job_logs(submission_id), nl=False)
 
 
 @main.command("stop")
@@ -403,9 +412,7 @@ def job_logs(submission_id: str, address: str | None, follow: bool) -> None:
 @click.option("--address", default=None, help=ADDRESS_HELP)
 def stop_job(submission_id: str, address: str | None) -> None:
     """Stop a job; its checkpoints stay, and submitting the same run again resumes it."""
-    from pipeline.cluster import jobs as cluster
-
-    stopped = cluster.client(address).stop_job(submission_id)
+    stopped = _jobs(address).stop_job(submission_id)
     click.echo(f"{submission_id}: {'stopping' if stopped else 'not running'}")
 
 

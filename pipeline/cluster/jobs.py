@@ -48,7 +48,13 @@ class ClusterError(ValueError):
 
 def client(address: str | None) -> JobSubmissionClient:
     address = cluster_address(address) or DEFAULT_ADDRESS
-    return JobSubmissionClient(address, headers=_auth_headers())
+    try:
+        return JobSubmissionClient(address, headers=_auth_headers())
+    except ConnectionError as e:  # Ray's own ConnectionError, raised when the address does not answer
+        raise ClusterError(
+            f"the job server at {address} does not answer: start the cluster (ray start --head, or "
+            "`kubectl get raycluster`), or give its address with --address / RAY_ADDRESS"
+        ) from e
 
 
 def _auth_headers() -> dict[str, str] | None:

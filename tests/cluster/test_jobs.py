@@ -57,3 +57,15 @@ def test_a_bucket_that_cannot_be_written_is_refused_before_submitting(s3: str) -
     )
     assert result.returncode == 2, result.stderr
     assert "cannot write to s3://no-such-bucket/runs" in result.stderr and "AWS_ENDPOINT_URL" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "words", [["list"], ["status", "x"], ["logs", "x"], ["logs", "x", "--follow"], ["stop", "x"]]
+)
+def test_a_job_server_that_does_not_answer_is_said_in_one_line(words: list[str]) -> None:
+    result = cli(*words, "--address", NOWHERE)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: the job server at {NOWHERE} does not answer: start the cluster (ray start --head, or "
+        "`kubectl get raycluster`), or give its address with --address / RAY_ADDRESS"
+    )
