@@ -27,9 +27,9 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not faults"
 
-# the faults injected into the share-nothing cluster (docs/reliability.md): one process, as the
-# cluster's nodes take both cores; iptables refuses and drops the store's and the tracking
-# server's traffic
+# the share-nothing cluster: a lost node, and the faults injected into it (docs/reliability.md):
+# one process, as the cluster's nodes take both cores; iptables refuses and drops the store's and
+# the tracking server's traffic
 test-faults: $(STAMP)
 	command -v iptables >/dev/null || { apt-get update -qq && apt-get install -y -qq iptables; }
 	$(BIN)/pytest -m faults

@@ -51,11 +51,11 @@ def add_odd_files(root: Path) -> None:
 
 # `make test` runs the suite in two processes (`pytest -n 2 --dist loadfile`), a module at a time
 # each, taking modules in collection order. These take minutes each, measured with `--durations=0`
-# under `-n 2` (loop 460 s, registry 405 s, serve 360 s, share-nothing 300 s, cli 270 s, faults
+# under `-n 2` (loop 460 s, registry 405 s, serve 360 s, cli 270 s, faults
 # 265 s), so they come first, longest first: started last, one would leave the other process idle.
 SLOWEST_FIRST = (
     "train/test_loop.py", "tracking/test_registry.py", "serve/test_serve_app.py",
-    "cluster/test_share_nothing.py", "cli/test_cli.py", "cluster/test_faults.py", "study/test_study.py",
+    "cli/test_cli.py", "cluster/test_faults.py", "study/test_study.py",
     "train/test_cifar_training.py", "serve/test_export.py",
 )  # fmt: skip
 

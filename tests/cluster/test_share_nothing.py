@@ -22,7 +22,8 @@ from share_nothing import BUCKET, Cluster, Services, User, share_nothing
 
 from pipeline.data.shards import first_image
 
-pytestmark = pytest.mark.ray
+# with the injected faults (`make test-faults`): the cluster's three nodes take both cores
+pytestmark = [pytest.mark.ray, pytest.mark.faults]
 EPOCHS, STEPS_PER_EPOCH = 3, 3  # 50 training images, global batch 16
 KILL_AFTER_STEP = 4  # the first step of epoch 1; the kill waits for a whole checkpoint too
 
