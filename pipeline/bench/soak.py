@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline.bench.serve import Row, _Connections, drive, images_to_send, served_model
 from pipeline.system import free_port
 
@@ -113,7 +115,8 @@ def _soak(
     cores = len(os.sched_getaffinity(0))
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     settings = Settings(
-        model=model, replicas=replicas, cpus_per_replica=max(1, cores // replicas), gpus_per_replica=0,
+        model=model, replicas=replicas, cpus_per_replica=max(1, cores // replicas),
+        gpus_per_replica=1 / replicas if torch.cuda.is_available() else 0,  # the replicas share a GPU
         max_batch_size=batch, batch_wait_ms=wait_ms, max_ongoing_requests=64, max_queued_requests=256,
     )  # fmt: skip
     try:

@@ -23,23 +23,30 @@ class ServeError(RuntimeError):
 
 
 def post(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> tuple[int, dict]:
-    """POSTs `body`; returns the status and the JSON answer (errors included)."""
+    """POSTs `body`; returns the status and the JSON answer (errors included). A connection closed
+    with no answer is asked once more: every route of the app is an inference or a read."""
     headers = {"Content-Type": content_type}
     token = os.environ.get(TOKEN_ENV)
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as e:
-        text = e.read()
+    for attempt in (1, 2):
         try:
-            return e.code, json.loads(text)
-        except ValueError:
-            return e.code, {"error": text.decode(errors="replace") or e.reason}
-    except OSError as e:
-        raise ServeError(f"no answer from {url}: {e} (is `resnet-pipe deploy` running?)") from None
+            with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            text = e.read()
+            try:
+                return e.code, json.loads(text)
+            except ValueError:
+                return e.code, {"error": text.decode(errors="replace") or e.reason}
+        except ConnectionResetError:
+            # closed with no answer: the replica holding it died, and HAProxy did not send it to
+            # another (docs/reliability.md); an inference asked again is answered the same
+            if attempt == 2:
+                raise ServeError(f"no answer from {url}: the connection closed twice") from None
+        except OSError as e:
+            raise ServeError(f"no answer from {url}: {e} (is `resnet-pipe deploy` running?)") from None
 
 
 def predict_file(url: str, path: Path) -> dict:
