@@ -1,5 +1,5 @@
-"""`resnet-pipe bench data | train | serve | soak`: each runs the competitor side by side and prints the
-ratio."""
+"""`resnet-pipe bench data | train | serve | soak`: the first three run the competitor side by
+side and print the ratio; `soak` holds a deployment at its knee and prints each minute."""
 
 from __future__ import annotations
 

@@ -166,13 +166,14 @@ def _upload(
         storage = ray.train.get_context().get_storage()
         fs, target = storage.storage_filesystem, f"{storage.experiment_fs_path}/{name}"
         source = Path(local.path)
-        if not isinstance(fs, pafs.PyFileSystem):  # a folder all nodes mount: it has real folders
+        object_store = isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, PatientHandler)
+        if not object_store:  # a folder all nodes mount: the checkpoint's folder comes first
             fs.create_dir(target, recursive=True)
         for file in sorted(source.iterdir(), key=lambda f: (f.name == checkpoint.META, f.name)):
             to = f"{target}/{file.name}"
-            if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, PatientHandler):
-                fs.handler.upload(file, to)  # an object store's: retried while the store fails
-            else:  # a folder all nodes mount
+            if object_store:
+                fs.handler.upload(file, to)  # retried while the store fails
+            else:
                 copy = functools.partial(pafs.copy_files, str(file), to, pafs.LocalFileSystem(), fs)
                 patiently(copy, to, worker.job.run.storage_outage_s, log.warning)
         worker.logger.log_metrics({"train/checkpoint_upload_s": time.perf_counter() - started}, step=step)
