@@ -12,7 +12,7 @@ from pipeline.cli.common import check_prepared, fail, print_table
 
 @click.group()
 def bench() -> None:
-    """Benchmarks that run the competitor side by side and print the ratio."""
+    """Benchmarks: the competitor side by side with its ratio (data, train, serve), and a soak."""
 
 
 def _root_option(help: str):
