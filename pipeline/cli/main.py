@@ -214,6 +214,7 @@ def submit(
         )
         return
     index = check_prepared(job.data.root)
+    from pipeline.cluster.jobs import ClusterError
     from pipeline.cluster.launch import SettingsChanged  # imports Ray: only after the checks
     from pipeline.cluster.launch import submit as launch_submit
     from pipeline.cluster.resources import NoRoom
@@ -226,7 +227,7 @@ def submit(
         outcome = launch_submit(
             job, run_name or job.name, address, index, progress_to=progress, allow_changes=allow_changes
         )
-    except (TrackingError, SettingsChanged, StorageError, DatasetError, NoRoom) as e:
+    except (TrackingError, SettingsChanged, StorageError, DatasetError, NoRoom, ClusterError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         click.echo(

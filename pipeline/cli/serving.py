@@ -157,6 +157,7 @@ def deploy(
 
     from pipeline.cluster import serving
     from pipeline.cluster.address import cluster_address
+    from pipeline.cluster.jobs import ClusterError
     from pipeline.serve import export as exporting
     from pipeline.serve.client import ServeError
     from pipeline.serve.runtimes import RuntimeChoiceError, choose
@@ -192,7 +193,7 @@ def deploy(
         if _terminated.is_set():  # its KeyboardInterrupt swallowed (`_interrupt`): no Ray to start
             raise KeyboardInterrupt
         url = serving.start(settings, host, port, address)
-    except (registry.RegistryError, ServeError, exporting.ExportError, RuntimeChoiceError) as e:
+    except (registry.RegistryError, ServeError, exporting.ExportError, RuntimeChoiceError, ClusterError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         _stop(address)

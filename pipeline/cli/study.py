@@ -54,12 +54,17 @@ def study(
             "a study runs its runs from this machine: give --address ray://HEAD:10001 (or a cluster address)"
         )
     check_prepared(root)
+    from pipeline.cluster.jobs import ClusterError
     from pipeline.cluster.resources import NoRoom
     from pipeline.study.run import StudyError, run_study
 
     try:
         result = run_study(chosen, root, out, address, overrides, runs_of=runs_of)
-    except (StudyError, NoRoom) as e:  # --runs-of a study without these runs; a run no node holds
+    except (
+        StudyError,
+        NoRoom,
+        ClusterError,
+    ) as e:  # --runs-of without these runs; a run no node holds; no cluster
         fail(str(e))
     click.echo(result.table, nl=False)
     for line in result.findings:

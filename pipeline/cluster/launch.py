@@ -104,9 +104,33 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
             from pipeline.cluster.jobs import EXCLUDES, PROJECT
 
             runtime_env |= {"working_dir": str(PROJECT), "excludes": EXCLUDES}
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
+        _join(address, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+def _join(address: str, **init_args) -> None:
+    """ray.init() on a running cluster, asked twice when the cluster's Ray client server fails to
+    start this client's session (a server process that exits at start; once seen on a loaded head,
+    and gone on the next try). A cluster that stays out of reach is a ClusterError, in one line."""
+    from pipeline.cluster.jobs import ClusterError
+
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, **init_args)
+            return
+        except ConnectionAbortedError as e:  # the client server answered, but could not serve us
+            if attempt == 2:
+                raise ClusterError(
+                    f"the Ray client server at {address} could not start a session for this client, twice: "
+                    "see ray_client_server_*.err in /tmp/ray/session_latest/logs on the head node"
+                ) from e
+            time.sleep(5)
+        except ConnectionError as e:  # Ray's own: nothing answered within its connection timeout
+            raise ClusterError(
+                f"the cluster at {address} does not answer: start it (ray start --head, or "
+                "`kubectl get raycluster`), or give its address with --address / RAY_ADDRESS"
+            ) from e
 
 
 def start_local_ray(env_vars: dict[str, str], **init_args) -> None:

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROBE, cli
+from conftest import PROBE, cli, register_untrained, small_job
+
+from pipeline.system import free_port
 
 
 def test_jobs_lists_model_dataset_epochs_workers() -> None:
@@ -170,6 +172,15 @@ def test_deploy_to_a_job_server_address_is_a_clear_error(how: str, tmp_path: Pat
     assert result.returncode == 2, result.stderr
     assert f"{server} is a job server" in result.stderr and "ray://HEAD:10001" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout.strip() == "NO-RAY"
+
+
+def test_deploy_to_a_cluster_that_does_not_answer_is_one_line(workdir: Path, prepared_dataset: Path) -> None:
+    register_untrained(small_job(prepared_dataset, 1, "model.arch='resnet18'"), "unanswered")
+    address = f"ray://127.0.0.1:{free_port()}"  # nothing listens there: Ray's client waits ~30 s
+    result = cli("deploy", "resnet18/1", "--address", address, "--no-compile", cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert f"the cluster at {address} does not answer" in result.stderr, result.stderr
+    assert "RAY_ADDRESS" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_submit_refuses_a_run_whose_checkpoints_have_other_settings(

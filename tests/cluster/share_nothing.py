@@ -386,10 +386,14 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
         finally:
             sh(*enter, "umount", "-l", folder, check=False)
 
-    def read_logs(self, node: str) -> str:
-        """Every log file of the node's Ray sessions, and its `ray start` output, as one text."""
+    def read_logs(self, node: str, pattern: str = "*") -> str:
+        """The node's Ray session log files that match `pattern` (all of them, and its `ray start`
+        output, by default) as one text, each under its name."""
         pid = str(self.nodes[node].pid)
-        words = ["sh", "-c", "cat /tmp/ray-start.log /tmp/ray/session_*/logs/* 2>/dev/null"]
+        start_log = "/tmp/ray-start.log" if pattern == "*" else ""
+        files = f"{start_log} /tmp/ray/session_*/logs/{pattern}"
+        script = f'for f in {files}; do echo "== $f"; cat "$f"; done'
+        words = ["sh", "-c", f"{script} 2>/dev/null"]
         listed = subprocess.run(["nsenter", "-t", pid, "-m", *words], capture_output=True, check=False)
         return listed.stdout.decode("utf-8", errors="replace")
 

@@ -166,7 +166,7 @@ def test_a_run_on_a_share_nothing_cluster_survives_a_lost_node_and_serves_from_t
     try:
         url = f"http://{net.ip('head')}:8000"
         started = time.monotonic()
-        served = _predict_when_up(url, image, deploy)
+        served = _predict_when_up(url, image, deploy, cluster)
         print(f"deploy answered after {time.monotonic() - started:.0f} s")
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone already: its output is in the error
@@ -240,7 +240,7 @@ def _offline_prediction(services: Services, image: bytes) -> tuple[int, float]:
     return int(row.argmax()), float(row.max())
 
 
-def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen) -> dict:
+def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen, cluster: Cluster) -> dict:
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -251,8 +251,10 @@ def _predict_when_up(url: str, image: bytes, deploy: subprocess.Popen) -> dict:
                 return json.loads(answer.read())
         except OSError:
             if deploy.poll() is not None:
+                logs = cluster.read_logs("head", "ray_client_server*")
                 raise AssertionError(
-                    f"deploy exited {deploy.returncode}:\n{deploy.stdout.read()[-4000:]}"
+                    f"deploy exited {deploy.returncode}:\n{deploy.stdout.read()[-4000:]}\n"
+                    f"the head's Ray client server logs:\n{logs[-6000:]}"
                 ) from None
             if time.monotonic() > deadline:
                 raise
