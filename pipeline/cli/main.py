@@ -214,7 +214,7 @@ def submit(
         )
         return
     index = check_prepared(job.data.root)
-    from pipeline.cluster.jobs import ClusterError
+    from pipeline.cluster.address import ClusterError
     from pipeline.cluster.launch import SettingsChanged  # imports Ray: only after the checks
     from pipeline.cluster.launch import submit as launch_submit
     from pipeline.cluster.resources import NoRoom

@@ -156,8 +156,7 @@ def deploy(
     import torch
 
     from pipeline.cluster import serving
-    from pipeline.cluster.address import cluster_address
-    from pipeline.cluster.jobs import ClusterError
+    from pipeline.cluster.address import ClusterError, cluster_address
     from pipeline.serve import export as exporting
     from pipeline.serve.client import ServeError
     from pipeline.serve.runtimes import RuntimeChoiceError, choose

@@ -54,7 +54,7 @@ def study(
             "a study runs its runs from this machine: give --address ray://HEAD:10001 (or a cluster address)"
         )
     check_prepared(root)
-    from pipeline.cluster.jobs import ClusterError
+    from pipeline.cluster.address import ClusterError
     from pipeline.cluster.resources import NoRoom
     from pipeline.study.run import StudyError, run_study
 

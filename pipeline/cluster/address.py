@@ -13,6 +13,11 @@ import urllib.error
 import urllib.request
 
 
+class ClusterError(ValueError):
+    """A cluster that cannot be used as asked (a remote submission that cannot work, an address
+    that does not answer), with what to do about it."""
+
+
 def cluster_address(address: str | None) -> str | None:
     """The Ray cluster a command uses: `address`, else RAY_ADDRESS; None: a Ray of our own,
     started on this machine."""

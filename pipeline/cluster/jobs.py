@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.cluster.address import cluster_address
+from pipeline.cluster.address import ClusterError, cluster_address
 from pipeline.config import Job
 from pipeline.storage import is_remote
 
@@ -40,10 +40,6 @@ EXCLUDES = [
     ".ruff_cache",
 ]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-
-
-class ClusterError(ValueError):
-    """A remote submission that cannot work, with what to do about it."""
 
 
 def client(address: str | None) -> JobSubmissionClient:

@@ -27,7 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import system, tracking
 from pipeline.cluster import resources
-from pipeline.cluster.address import cluster_address
+from pipeline.cluster.address import ClusterError, cluster_address
 from pipeline.cluster.finish import Outcome, finish, finish_again, planned_epochs
 from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import DatasetError, Index, load_index
@@ -111,10 +111,8 @@ def connect(address: str | None, log_to_driver: bool = True) -> None:
 
 def _join(address: str, **init_args) -> None:
     """ray.init() on a running cluster, asked twice when the cluster's Ray client server fails to
-    start this client's session (a server process that exits at start; once seen on a loaded head,
-    and gone on the next try). A cluster that stays out of reach is a ClusterError, in one line."""
-    from pipeline.cluster.jobs import ClusterError
-
+    start this client's session (its server process exited at start: seen once, on a loaded 2-core
+    head in CI). A cluster that stays out of reach is a ClusterError, in one line."""
     for attempt in (1, 2):
         try:
             ray.init(address=address, **init_args)
