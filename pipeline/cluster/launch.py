@@ -294,13 +294,15 @@ WRAPPERS = ("TrainingFailedError", "ControllerError", "WorkerGroupError", "RayTa
 def root_cause(error: str) -> str:
     """One line for a failed run: the last `SomeError: message` line of what Ray Train raised
     (its text wraps each failed worker's traceback, the cause last), passing over Ray's own
-    wrappers; else its first line."""
+    wrappers; else its first line. One of our own errors is its message alone: it says what to
+    do already, and its class's path is noise to a user."""
     lines = error.strip().splitlines()
     causes = []
     for line in lines:
         found = re.search(r"([\w.]*(?:Error|Exception|Interrupt)): (.*\S)", line)
         if found and not found.group(1).endswith(WRAPPERS) and not found.group(2).endswith(":"):
-            causes.append(found.group(0))
+            ours = found.group(1).startswith("pipeline.")
+            causes.append(found.group(2) if ours else found.group(0))
     if causes:
         return causes[-1]
     # a wrapper ("ControllerError: Training failed due to controller error:") followed by the
