@@ -60,11 +60,8 @@ def study(
 
     try:
         result = run_study(chosen, root, out, address, overrides, runs_of=runs_of)
-    except (
-        StudyError,
-        NoRoom,
-        ClusterError,
-    ) as e:  # --runs-of without these runs; a run no node holds; no cluster
+    # --runs-of a study without these runs; a run no node holds; a cluster that does not answer
+    except (StudyError, NoRoom, ClusterError) as e:
         fail(str(e))
     click.echo(result.table, nl=False)
     for line in result.findings:
