@@ -60,9 +60,8 @@ def study(
 
     try:
         result = run_study(chosen, root, out, address, overrides, runs_of=runs_of)
-    # --runs-of a study without these runs; a run no node holds; a cluster that does not answer
     except (StudyError, NoRoom, ClusterError) as e:
-        fail(str(e))
+        fail(str(e))  # --runs-of a study without these runs; a run no node holds; no cluster answers
     click.echo(result.table, nl=False)
     for line in result.findings:
         click.echo(f"- {line}")

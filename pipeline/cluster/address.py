@@ -18,6 +18,14 @@ class ClusterError(ValueError):
     that does not answer), with what to do about it."""
 
 
+def unanswered(what: str, address: str) -> ClusterError:
+    """The error for `what` (the job server, the cluster) at `address` when nothing answers there."""
+    return ClusterError(
+        f"{what} at {address} does not answer: start the cluster (ray start --head, or "
+        "`kubectl get raycluster`), or give its address with --address / RAY_ADDRESS"
+    )
+
+
 def cluster_address(address: str | None) -> str | None:
     """The Ray cluster a command uses: `address`, else RAY_ADDRESS; None: a Ray of our own,
     started on this machine."""

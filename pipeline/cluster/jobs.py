@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.cluster.address import ClusterError, cluster_address
+from pipeline.cluster.address import ClusterError, cluster_address, unanswered
 from pipeline.config import Job
 from pipeline.storage import is_remote
 
@@ -47,10 +47,7 @@ def client(address: str | None) -> JobSubmissionClient:
     try:
         return JobSubmissionClient(address, headers=_auth_headers())
     except ConnectionError as e:  # Ray's own ConnectionError, raised when the address does not answer
-        raise ClusterError(
-            f"the job server at {address} does not answer: start the cluster (ray start --head, or "
-            "`kubectl get raycluster`), or give its address with --address / RAY_ADDRESS"
-        ) from e
+        raise unanswered("the job server", address) from e
 
 
 def _auth_headers() -> dict[str, str] | None:

@@ -27,7 +27,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import system, tracking
 from pipeline.cluster import resources
-from pipeline.cluster.address import ClusterError, cluster_address
+from pipeline.cluster.address import ClusterError, cluster_address, unanswered
 from pipeline.cluster.finish import Outcome, finish, finish_again, planned_epochs
 from pipeline.config import Job, flatten, to_dict
 from pipeline.data.index import DatasetError, Index, load_index
@@ -125,10 +125,7 @@ def _join(address: str, **init_args) -> None:
                 ) from e
             time.sleep(5)
         except ConnectionError as e:  # Ray's own: nothing answered within its connection timeout
-            raise ClusterError(
-                f"the cluster at {address} does not answer: start it (ray start --head, or "
-                "`kubectl get raycluster`), or give its address with --address / RAY_ADDRESS"
-            ) from e
+            raise unanswered("the cluster", address) from e
 
 
 def start_local_ray(env_vars: dict[str, str], **init_args) -> None:

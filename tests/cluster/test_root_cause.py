@@ -27,6 +27,5 @@ def test_another_library_s_error_keeps_its_class() -> None:
 
 
 def test_a_wrapper_followed_by_its_message_alone_is_that_message() -> None:
-    assert root_cause(
-        "ControllerError: Training failed due to controller error:\n  the placement group timed out\n"
-    ) == ("the placement group timed out")
+    error = "ControllerError: Training failed due to controller error:\n  the placement group timed out\n"
+    assert root_cause(error) == "the placement group timed out"
