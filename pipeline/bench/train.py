@@ -116,9 +116,12 @@ class Pair:
     pipeline: float
 
 
-def bench_train_cifar(root: Path, steps: int = 50, batch: int = 128) -> tuple[list[Pair], float]:
+def bench_train_cifar(
+    root: Path, steps: int = 50, batch: int = 128, settings: tuple = CIFAR_SETTINGS
+) -> tuple[list[Pair], float]:
     """The paper's ResNet-20 step (jobs/cifar10-resnet20: 32 px, the images held in memory, one
-    worker on every core) in the pipeline and in `bare_loop`, for each of CIFAR_SETTINGS; then the
+    worker on every core) in the pipeline and in `bare_loop`, for each of `settings` (the first
+    fp32, the ratios' base; CIFAR_SETTINGS: fp32, bf16 autocast, compiled); then the
     fp32 bare loop as a Ray Train function (what Ray Train itself costs it). Private runs in a
     store of their own; each pipeline run evaluates 256 test images at its end.
 
@@ -135,7 +138,7 @@ def bench_train_cifar(root: Path, steps: int = 50, batch: int = 128) -> tuple[li
     gpu = str(torch.cuda.is_available()).lower()
     pairs, loops = [], []
     with tempfile.TemporaryDirectory() as tmp, tracking_at(f"sqlite:///{tmp}/mlflow.db"):
-        for name, precision, compiled in CIFAR_SETTINGS:
+        for name, precision, compiled in settings:
             job = load_job(
                 "cifar10-resnet20",
                 [f"data.root='{root.resolve()}'", "iterations=0", "epochs=1",

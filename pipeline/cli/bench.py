@@ -3,6 +3,7 @@ side and print the ratio; `soak` holds a deployment at its knee and prints each 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -99,9 +100,10 @@ def bench_train(root: Path, steps: int | None, batch: int | None, crop_px: int) 
 def _bench_train_cifar(root: Path, steps: int, batch: int) -> None:
     import os
 
-    from pipeline.bench.train import bench_train_cifar
+    from pipeline.bench.train import CIFAR_SETTINGS, bench_train_cifar
 
-    pairs, on_ray = bench_train_cifar(root, steps, batch)
+    settings = _runnable(CIFAR_SETTINGS, lambda setting: setting[1], "the bf16 autocast row")
+    pairs, on_ray = bench_train_cifar(root, steps, batch, settings)
     threads = len(os.sched_getaffinity(0))
     print_table(
         [(f"ResNet-20 step, batch {batch}, {threads} threads", "bare loop images/s", "resnet-pipe images/s",
@@ -151,9 +153,10 @@ def bench_serve(
     check_prepared(root)
     if images is not None and not images.is_dir():
         fail(f"--images {images} is not a folder of images")
-    from pipeline.bench.serve import ceiling_of
+    from pipeline.bench.serve import KINDS, ceiling_of
 
-    rows = run(root, images, model, seconds, clients, batch, batch_wait_ms)
+    kinds = _runnable(KINDS, lambda kind: kind[1], "PyTorch bf16")
+    rows = run(root, images, model, seconds, clients, batch, batch_wait_ms, kinds)
     table = [("serving", "per s", "p50 ms", "p99 ms", "failed", "x own ceiling", "x PyTorch ceiling",
               "x mlflow", "top-1 as fp32")]  # fmt: skip
     for row in rows:
@@ -222,6 +225,20 @@ def bench_soak(
     click.echo(f"errors: {result.failed()} in about {sent:.0f} requests (aim: none)")
     growth = growth or "no replica kept its process"
     click.echo(f"replica memory, start -> end: {growth} (aim: growth under 5 %)")
+
+
+def _runnable(rows: tuple, precision_of: Callable, what: str) -> tuple:
+    """The bench's `rows`, less those in bf16 where this machine has no bf16 units (they would
+    measure PyTorch's slow reference path, for minutes), said in one line."""
+    import torch
+
+    from pipeline.system import bf16_units, no_bf16_units
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if bf16_units(device):
+        return rows
+    click.echo(f"{what} left out: {no_bf16_units('this machine', device)}")
+    return tuple(row for row in rows if precision_of(row) != "bf16")
 
 
 def _print_ratios(results: list, title: str, ratio_title: str) -> None:

@@ -214,6 +214,8 @@ def submit(
         )
         return
     index = check_prepared(job.data.root)
+    if address is None and not job.scaling.use_gpu:  # the workers are this machine's CPU: ask it now
+        _check_precision(job)
     from pipeline.cluster.address import ClusterError
     from pipeline.cluster.launch import SettingsChanged  # imports Ray: only after the checks
     from pipeline.cluster.launch import submit as launch_submit
@@ -276,6 +278,19 @@ def register(run: str) -> None:
         click.echo("error: not registered (see the warning above)", err=True)
         sys.exit(1)
     click.echo(f"registered model {outcome.registered}")
+
+
+def _check_precision(job) -> None:
+    """A precision this machine's CPU cannot run at speed, refused before Ray starts (a
+    cluster's workers refuse it themselves, each for its own CPU)."""
+    import torch
+
+    from pipeline.train.step import PrecisionError, autocast_dtype
+
+    try:
+        autocast_dtype(job, torch.device("cpu"))
+    except PrecisionError as e:
+        fail(str(e))
 
 
 def _check_storage(job, resume: str | None, remote: bool) -> None:

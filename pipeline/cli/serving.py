@@ -175,8 +175,9 @@ def deploy(
         # the replicas' device: a cluster's is known once it is joined, so there "auto" stays for the
         # replica to choose (an fp32 graph it lacks, it exports itself)
         gpu = gpus_per_replica > 0 if gpus_per_replica is not None else torch.cuda.is_available()
-        if runtime != "auto" or precision != "fp32" or cluster_address(address) is None:
-            runtime, precision = choose(runtime, precision, torch.device("cuda" if gpu else "cpu"))
+        here = cluster_address(address) is None
+        if runtime != "auto" or precision != "fp32" or here:
+            runtime, precision = choose(runtime, precision, torch.device("cuda" if gpu else "cpu"), here)
             exporting.ensure(version, runtime, precision, max_accuracy_loss, data_root, say=click.echo)
         settings = Settings(
             model=f"{version.name}@{alias}" if alias else f"{version.name}/{version.version}",

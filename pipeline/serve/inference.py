@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import logging
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,7 +111,7 @@ class Loaded:
         (`pipeline.serve.export`), an fp32 graph not yet exported is exported here.
 
         Raises:
-            ValueError: an int8 graph that was never exported.
+            ValueError: an int8 graph that was never exported, or bf16 on a CPU without bf16 units.
         """
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -118,8 +119,10 @@ class Loaded:
 
         from pipeline.config import from_dict
         from pipeline.models import create_model
+        from pipeline.serve.runtimes import check_precision
         from pipeline.tracking.registry import check_weights
 
+        check_precision(precision, device, f"{socket.gethostname()}'s {device.type.upper()}")
         # fetched into a folder that goes once the weights are in memory: a replica leaves no copy
         # of the model on its node's disk
         with tempfile.TemporaryDirectory(prefix="resnet-pipe-model-") as tmp:
@@ -203,7 +206,10 @@ class Loaded:
         return self._forward(self.forward, batch)[:count]
 
     def _forward(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        dtype = torch.bfloat16 if self.precision == "bf16" else autocast_dtype(self.job, self.device)
+        if self.precision == "bf16":
+            dtype = torch.bfloat16
+        else:  # fp32: validation's own precision on a GPU (bf16 unless the job says), exact on a CPU
+            dtype = autocast_dtype(self.job, self.device) if self.device.type == "cuda" else None
         with torch.inference_mode(), autocast(self.device, dtype):
             # The compiled graph's guards tell an inference tensor (what a replica's batches are,
             # made under inference_mode) from an ordinary one (compile's examples), and compile

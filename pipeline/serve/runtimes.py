@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.system import bf16_units, no_bf16_units
+
 RUNTIMES = ("torch", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "int8")
 # where each precision runs: bf16 as PyTorch's autocast (ONNX Runtime has no bf16 convolutions
@@ -27,10 +29,11 @@ class RuntimeChoiceError(ValueError):
     """A runtime and precision that do not go together, with the ones that do."""
 
 
-def choose(runtime: str, precision: str, device: torch.device) -> tuple[str, str]:
+def choose(runtime: str, precision: str, device: torch.device, here: bool = True) -> tuple[str, str]:
     """The runtime and precision a replica on `device` runs: `runtime` "auto" is ONNX Runtime on
     a CPU (the faster exact runtime measured there) and PyTorch on a GPU, unless the precision
-    runs on one runtime only."""
+    runs on one runtime only. `here`: the replica runs on this machine, so bf16 is refused where
+    this machine has no bf16 units (a cluster's replica checks its own: `check_precision`)."""
     if precision not in PRECISIONS:
         raise RuntimeChoiceError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     if runtime == "auto":
@@ -42,7 +45,17 @@ def choose(runtime: str, precision: str, device: torch.device) -> tuple[str, str
         raise RuntimeChoiceError(
             f"precision {precision} runs on {needs} only: use --runtime {needs} (or --runtime auto)"
         )
+    if here:
+        check_precision(precision, device, "this machine's " + device.type.upper())
     return runtime, precision
+
+
+def check_precision(precision: str, device: torch.device, where: str) -> None:
+    """Refuses bf16 on a device without bf16 units (`pipeline.system.bf16_units`): it would
+    serve slower than fp32, not faster."""
+    if precision == "bf16" and not bf16_units(device):
+        why = no_bf16_units(where, device)
+        raise RuntimeChoiceError(f"--precision bf16: {why}; serve --precision fp32 or int8")
 
 
 def providers(device: torch.device) -> list:

@@ -14,6 +14,7 @@ CUDA, fp32 on the CPU; the memory format is channels_last on both.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from pipeline.config import Job
 from pipeline.data.mix import mix_batch
+from pipeline.system import bf16_units, no_bf16_units
 from pipeline.train.optim import set_lr
 
 
@@ -35,9 +37,20 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+class PrecisionError(ValueError):
+    """A precision the device cannot run at speed, with the setting to use instead."""
+
+
 def autocast_dtype(job: Job, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `job.run.precision` on `device`; None means fp32 throughout."""
+    """The autocast dtype for `job.run.precision` on `device`; None means fp32 throughout.
+
+    Raises:
+        PrecisionError: bf16 on a CPU without bf16 units (`pipeline.system.bf16_units`).
+    """
     precision = job.run.precision
+    if precision == "bf16" and not bf16_units(device):
+        where = f"{socket.gethostname()}'s {device.type.upper()}"
+        raise PrecisionError(f"run.precision = bf16: {no_bf16_units(where, device)}; set run.precision=fp32")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -30,7 +30,7 @@ from pipeline.data.index import load_index
 from pipeline.data.memory import load_pixels
 from pipeline.data.prepare import prepare
 from pipeline.models import create_model
-from pipeline.serve import export
+from pipeline.serve import export, runtimes
 from pipeline.serve.inference import Loaded
 from pipeline.serve.runtimes import OnnxForward, RuntimeChoiceError, choose
 from pipeline.system import free_port
@@ -62,8 +62,9 @@ def test_every_network_we_build_exports_and_onnx_runtime_answers_as_pytorch(arch
     assert loaded.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis is named: dynamic
 
 
-def test_runtime_and_precision_go_together_or_are_refused() -> None:
+def test_runtime_and_precision_go_together_or_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(runtimes, "bf16_units", lambda device: True)  # a CPU with AVX-512 BF16
     assert choose("auto", "fp32", cpu) == ("onnxruntime", "fp32")
     assert choose("auto", "fp32", gpu) == ("torch", "fp32")
     assert choose("auto", "int8", gpu) == ("onnxruntime", "int8")
@@ -72,6 +73,19 @@ def test_runtime_and_precision_go_together_or_are_refused() -> None:
         choose("torch", "int8", cpu)
     with pytest.raises(RuntimeChoiceError, match="bf16 runs on torch only"):
         choose("onnxruntime", "bf16", cpu)
+
+
+def test_bf16_is_refused_where_the_replica_has_no_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with AVX2 alone (this project's machines include AMD EPYCs), bf16 autocast takes
+    PyTorch's reference path, slower than fp32: deploy refuses it for a replica here, and names
+    what to serve instead; a cluster's replica (here=False) is checked on its own node."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtimes, "bf16_units", lambda device: False)
+    with pytest.raises(RuntimeChoiceError, match=r"--precision bf16: this machine's CPU has no bf16 units .*"
+                       r"serve --precision fp32 or int8"):  # fmt: skip
+        choose("auto", "bf16", cpu)
+    assert choose("auto", "bf16", cpu, here=False) == ("torch", "bf16")
+    assert choose("auto", "int8", cpu) == ("onnxruntime", "int8")  # int8 needs no bf16
 
 
 def _contract_tensor(encoded: bytes, preprocessing: dict) -> np.ndarray:
