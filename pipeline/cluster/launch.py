@@ -288,11 +288,27 @@ def submit(
 WRAPPERS = ("TrainingFailedError", "ControllerError", "WorkerGroupError", "RayTaskError")
 
 
+# Ray's memory monitor, as it kills a worker (ray/_private/memory_monitor's text, Ray 2.60)
+OOM_KILLED = re.compile(
+    r"killed due to the node running low on memory\. Memory on the node \(IP: ([^,]+),.*?\) was "
+    r"([\d.]+) ?GB used / ([\d.]+) ?GB limit"
+)
+
+
 def root_cause(error: str) -> str:
     """One line for a failed run: the last `SomeError: message` line of what Ray Train raised
     (its text wraps each failed worker's traceback, the cause last), passing over Ray's own
-    wrappers; else its first line. One of our own errors is its message alone: it says what to
-    do already, and its class's path is noise to a user."""
+    wrappers; a worker Ray killed for memory, said as such with what to change; else the first
+    line after the wrappers' headers. One of our own errors is its message alone: it says what
+    to do already, and its class's path is noise to a user."""
+    killed = OOM_KILLED.search(error)
+    if killed:
+        node, used, limit = killed.groups()
+        return (
+            f"a worker was killed for memory: its node ({node}) had {used} of {limit} GB in use. Give "
+            "each worker fewer images at a time (scaling.batch_size_per_worker, with "
+            "optim.accumulation_steps to keep the global batch) or a node with more memory"
+        )
     lines = error.strip().splitlines()
     causes = []
     for line in lines:
@@ -302,10 +318,10 @@ def root_cause(error: str) -> str:
             causes.append(found.group(2) if ours else found.group(0))
     if causes:
         return causes[-1]
-    # a wrapper ("ControllerError: Training failed due to controller error:") followed by the
-    # cause's message alone
-    after = [line.strip() for line in lines[1:] if line.strip()]
-    return after[0] if lines and lines[0].rstrip().endswith(":") and after else (lines[0] if lines else error)
+    # wrappers' headers ("ControllerError: Training failed due to controller error:", "[Rank 0
+    # Error Snippet]:"), then the cause's message alone
+    said = [line.strip() for line in lines if line.strip() and not line.rstrip().endswith(":")]
+    return said[0] if said else error.strip()
 
 
 def _trainer(job: Job, run_name: str, storage: Location, loop_config: dict) -> TorchTrainer:
