@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import cli
 
 from pipeline.cluster.resources import holds, shortfall, worker_ask
 from pipeline.config import load_job
+from pipeline.system import bf16_units
 
 TWO_CORES = [{"CPU": 2.0, "GPU": 0.0, "memory": 8 * 2**30}]
 
@@ -84,6 +86,25 @@ def test_submit_refuses_a_job_this_machine_can_never_hold_at_once(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert time.monotonic() - started < 60
     assert len(result.stderr.splitlines()) == 1 and "scaling.cpus_per_worker=" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened
+
+
+@pytest.mark.skipif(bf16_units(torch.device("cpu")), reason="this CPU has bf16 units: bf16 runs here")
+def test_submit_refuses_bf16_on_a_cpu_without_bf16_units(tmp_path: Path) -> None:
+    # real on a CPU with AVX2 alone (an AMD EPYC of this project's): before Ray or MLflow starts
+    from cifar_release import write_cifar10
+
+    from pipeline.data.prepare import prepare
+
+    write_cifar10(tmp_path / "cifar10", train=20, test=10)
+    prepare(tmp_path / "cifar10")
+    result = cli(
+        "submit", "cifar10-resnet20-fast", "--set", f"data.root='{tmp_path / 'cifar10'}'",
+        "--set", "run.precision='bf16'", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "run.precision = bf16: " in line and "has no bf16 units" in line and "run.precision=fp32" in line
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was opened
 
 
