@@ -23,8 +23,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# KServe's Python SDK, for tests/serve/kserve_client.py: a virtual environment of its own, as
+# kserve 0.21 pins psutil<6 and pandas<3, below what Ray and MLflow need in .venv
+KSERVE := .venv-kserve
+$(KSERVE)/.installed:
+	python3 -m venv $(KSERVE)
+	$(KSERVE)/bin/pip install --quiet kserve==0.21.0
+	touch $@
+
 # two test processes, a module at a time each, the slowest modules first (tests/conftest.py)
-test: lint
+test: lint $(KSERVE)/.installed
 	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not faults"
 
 # the share-nothing cluster: a lost node, and the faults injected into it (docs/reliability.md):

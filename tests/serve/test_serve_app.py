@@ -442,6 +442,35 @@ def test_tritonclient_and_mlflows_client_get_the_answers_of_predict(served, prep
     assert json.loads(rows[0]["top_k"])[0]["name"] == direct[0]["name"]
 
 
+# KServe's Python SDK in a virtual environment of its own (`make test` builds it): its pins
+# (psutil<6, pandas<3) would downgrade what Ray and MLflow need in the project's
+KSERVE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-kserve" / "bin" / "python"
+
+
+@pytest.mark.skipif(not KSERVE_PYTHON.exists(), reason="no .venv-kserve: `make test` builds it")
+def test_kserves_rest_client_gets_predicts_answers(served, prepared_dataset: Path, tmp_path: Path) -> None:
+    """KServe's `InferenceRESTClient` (v2): FP32 tensors in the binary extension and in JSON, and
+    encoded images as BYTES, each with /predict's class and probability."""
+    url, job, _ = served
+    index = load_index(prepared_dataset)
+    files = [prepared_dataset / f for f in index.files("val")[:4]]
+    images = [f.read_bytes() for f in files]
+    direct = [_post(f"{url}/predict", image)[1]["predictions"][0] for image in images]
+    np.save(tmp_path / "tensors.npy", _preprocessed(job, images))
+    client = Path(__file__).with_name("kserve_client.py")
+    result = subprocess.run(
+        [str(KSERVE_PYTHON), str(client), url, "resnet50", str(tmp_path / "tensors.npy"), *map(str, files)],
+        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", TOKEN_ENV: TOKEN},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout)
+    assert sorted(answers) == ["image_binary", "tensor_binary", "tensor_json"]
+    for kind, rows in answers.items():
+        rows = np.array(rows)
+        assert rows.argmax(1).tolist() == [d["class_index"] for d in direct], kind
+        assert np.allclose(rows.max(1), [d["probability"] for d in direct], atol=1e-4), kind
+
+
 def _raw(url: str, body: bytes, headers: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {TOKEN}"} | headers)
     try:
