@@ -285,10 +285,10 @@ def _check_precision(job) -> None:
     cluster's workers refuse it themselves, each for its own CPU)."""
     import torch
 
-    from pipeline.train.step import PrecisionError, autocast_dtype
+    from pipeline.train.step import PrecisionError, check_precision
 
     try:
-        autocast_dtype(job, torch.device("cpu"))
+        check_precision(job, torch.device("cpu"))
     except PrecisionError as e:
         fail(str(e))
 

@@ -170,12 +170,13 @@ def deploy(
     # exit code 15 (while ray.init runs) or a stack trace and an abort (while replicas load).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serving.check_address(cluster_address(address))  # before anything starts
+        joining = cluster_address(address)  # None: a local Ray, the replicas on this machine
+        serving.check_address(joining)  # before anything starts
         version, alias = registry.serving_version(target)
         # the replicas' device: a cluster's is known once it is joined, so there "auto" stays for the
         # replica to choose (an fp32 graph it lacks, it exports itself)
         gpu = gpus_per_replica > 0 if gpus_per_replica is not None else torch.cuda.is_available()
-        here = cluster_address(address) is None
+        here = joining is None
         if runtime != "auto" or precision != "fp32" or here:
             runtime, precision = choose(runtime, precision, torch.device("cuda" if gpu else "cpu"), here)
             exporting.ensure(version, runtime, precision, max_accuracy_loss, data_root, say=click.echo)

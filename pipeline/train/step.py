@@ -41,16 +41,22 @@ class PrecisionError(ValueError):
     """A precision the device cannot run at speed, with the setting to use instead."""
 
 
+def check_precision(job: Job, device: torch.device) -> None:
+    """Raises PrecisionError for bf16 on a device without bf16 units (`pipeline.system.bf16_units`):
+    it would train slower than fp32, not faster."""
+    if job.run.precision == "bf16" and not bf16_units(device):
+        where = f"{socket.gethostname()}'s {device.type.upper()}"
+        raise PrecisionError(f"run.precision = bf16: {no_bf16_units(where, device)}; set run.precision=fp32")
+
+
 def autocast_dtype(job: Job, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `job.run.precision` on `device`; None means fp32 throughout.
 
     Raises:
-        PrecisionError: bf16 on a CPU without bf16 units (`pipeline.system.bf16_units`).
+        PrecisionError: bf16 on a CPU without bf16 units (`check_precision`).
     """
+    check_precision(job, device)
     precision = job.run.precision
-    if precision == "bf16" and not bf16_units(device):
-        where = f"{socket.gethostname()}'s {device.type.upper()}"
-        raise PrecisionError(f"run.precision = bf16: {no_bf16_units(where, device)}; set run.precision=fp32")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
