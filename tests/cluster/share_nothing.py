@@ -349,6 +349,15 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
         with urllib.request.urlopen(request, timeout=10) as answer:
             return json.loads(answer.read())
 
+    def status(self) -> str:
+        """`ray status` as the dashboard gives it: the nodes, the resources in use and what waits
+        for resources (for the message of a test that timed out)."""
+        try:
+            data = self.get("/api/cluster_status?format=1")["data"]
+        except OSError as e:
+            return f"(the dashboard did not answer: {e})"
+        return str(data.get("clusterStatus") or data.get("cluster_status") or data)
+
     def train_attempts(self, run_name: str) -> list[dict]:
         """The attempts of Ray Train run `run_name` (the newest run of that name), oldest first,
         each with its status and its workers: world_rank, node_ip."""
@@ -497,7 +506,7 @@ class User:
 
     def __init__(self, folder: Path, services: Services, cluster: Cluster, extra_env: dict | None = None):
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
+        self.folder, self.services = folder, services
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
         self.env = env | services.client_env() | cluster.client_env() | (extra_env or {})
 

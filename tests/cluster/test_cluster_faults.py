@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import statistics
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -86,6 +87,20 @@ def _steps(services: Services, run_name: str, key: str = "train/step_loss") -> l
     return [m.step for m in _client(services).get_metric_history(run.info.run_id, key)] if run else []
 
 
+def _until_step(user: User, submit: subprocess.Popen, cluster: Cluster, run_name: str, step: int) -> None:
+    """Waits for step `step` of run `run_name` in MLflow, up to 400 s. On a timeout the failure
+    says why: `ray status` (what holds the cluster's CPUs, what waits for them) and what the
+    user's `submit --follow` printed, which it is stopped to give."""
+    try:
+        wait_until(lambda: len(_steps(user.services, run_name)) >= step, 400, f"step {step} in MLflow")
+    except AssertionError as e:
+        status = cluster.status()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(submit.pid, signal.SIGTERM)
+        said = user.output(submit, 120)
+        raise AssertionError(f"{e}\n--- ray status\n{status}\n--- submit\n{said[-6000:]}") from None
+
+
 def _assert_every_step_once(services: Services, run_name: str, epochs: int = EPOCHS) -> None:
     assert sorted(_steps(services, run_name, "val/top1")) == list(range(epochs))
     assert sorted(_steps(services, run_name)) == list(range(1, epochs * STEPS_PER_EPOCH + 1))
@@ -141,7 +156,7 @@ def test_a_killed_submit_leaves_the_job_training_and_submit_resume_attaches_to_i
     driver = user.start(
         "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "orphan", *sets
     )
-    wait_until(lambda: len(_steps(services, "orphan")) >= 2, 300, "the run's first steps in MLflow")
+    _until_step(user, driver, cluster, "orphan", 2)
     os.killpg(driver.pid, signal.SIGKILL)  # the user's terminal gone: `submit --follow` and its group
     driver.wait(30)
     submission_id = _submission_id(driver.stdout.read())
@@ -254,7 +269,7 @@ def test_a_tracking_server_restarted_mid_run_loses_no_metric_step(faults_cluster
         "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "tracking-restart",
         *_settings(root),
     )  # fmt: skip
-    wait_until(lambda: len(_steps(services, "tracking-restart")) >= 2, 300, "the run's first steps in MLflow")
+    _until_step(user, run, cluster, "tracking-restart", 2)
     stopped = time.monotonic()
     services.stop_mlflow()
     time.sleep(15)  # the outage: the run trains on, its metrics wait in memory
@@ -279,7 +294,7 @@ def test_a_store_refused_at_registration_ends_the_run_finished_and_register_comp
         "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "store-at-end",
         *_settings(root),
     )  # fmt: skip
-    wait_until(lambda: len(_steps(services, "store-at-end")) >= 1, 300, "the run's first step in MLflow")
+    _until_step(user, run, cluster, "store-at-end", 1)
     # the tracking server's artifact store refuses it from now on (the nodes still reach the
     # bucket: checkpoints go on); the registration at the end uploads through the server
     with blocked(services.s3_port, source=net.host_ip):
@@ -584,6 +599,9 @@ def test_a_replica_killed_under_load_fails_no_request(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(deploy.pid, signal.SIGTERM)
         said = user.output(deploy, 120)
+    # deploy's SIGTERM took the app down: its replicas gave their CPUs back, for the next run
+    assert "stopped" in said.splitlines(), said[-3000:]
+    wait_until(lambda: not _replicas(cluster), 60, "no replica left once deploy stopped")
     failed = [(round(at - killed, 2), outcome) for at, _, outcome in load.requests if outcome != 200]
     recovery = [took for at, took, _ in load.requests if killed <= at < killed + 60]
     p99 = statistics.quantiles(recovery, n=100)[98] * 1000
@@ -611,7 +629,7 @@ def test_a_lost_head_and_a_new_cluster_go_on_with_the_same_run(faults_cluster, t
     run = user.start(
         "submit", "quickstart", "--address", cluster.job_server, "--follow", "--name", "headless", *sets
     )
-    wait_until(lambda: len(_steps(services, "headless")) >= 10, 400, "step 10 in MLflow")
+    _until_step(user, run, cluster, "headless", 10)
     # the head goes (Ray, the job's driver, Ray Train's controller), and with it the cluster, as
     # KubeRay replaces a RayJob's cluster on a retry (backoffLimit)
     for node in ("head", "w1", "w2"):
