@@ -356,7 +356,7 @@ exec {" ".join(command)} > /tmp/ray-start.log 2>&1
             data = self.get("/api/cluster_status?format=1")["data"]
         except OSError as e:
             return f"(the dashboard did not answer: {e})"
-        return str(data.get("clusterStatus") or data.get("cluster_status") or data)
+        return str(data.get("clusterStatus", data))  # the dashboard answers in camelCase
 
     def train_attempts(self, run_name: str) -> list[dict]:
         """The attempts of Ray Train run `run_name` (the newest run of that name), oldest first,
