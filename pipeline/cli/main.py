@@ -433,14 +433,22 @@ def stop_job(submission_id: str, address: str | None) -> None:
 
 
 @main.command()
-@click.argument("words", nargs=-1, metavar="[JOB] | compare A B | sync RUN_DIR")
-def runs(words: tuple[str, ...]) -> None:
+@click.argument("words", nargs=-1, metavar="[JOB] | compare A B | plot RUN... | sync RUN_DIR")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("accuracy_vs_time.png"),
+              show_default=True, help="With plot: the image file to write.")  # fmt: skip
+def runs(words: tuple[str, ...], out: Path) -> None:
     """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration.
 
     `runs compare A B`: what differs between runs A and B (names or ids), settings then results.
-    `runs sync RUN_DIR`: send the metrics a run kept locally while MLflow was unreachable.
+    `runs plot RUN...`: val/top1 of the runs against wall-clock minutes, with their targets, in
+    one figure (--out). `runs sync RUN_DIR`: send the metrics a run kept locally while MLflow was
+    unreachable.
     """
-    if words[:1] == ("compare",):
+    if words[:1] == ("plot",):
+        if len(words) < 2:
+            fail("runs plot takes one or more runs: resnet-pipe runs plot A [B ...] --out FILE.png")
+        _runs_plot(words[1:], out)
+    elif words[:1] == ("compare",):
         if len(words) != 3:
             fail("runs compare takes two runs: resnet-pipe runs compare A B")
         _runs_compare(words[1], words[2])
@@ -485,6 +493,18 @@ def _runs_compare(a: str, b: str) -> None:
         print_table([("SETTING", *header), *settings])
     click.echo("results:")
     print_table([("METRIC", *header), *results])
+
+
+def _runs_plot(names: tuple[str, ...], out: Path) -> None:
+    from pipeline.tracking.runs import RunsError, plot_accuracy_against_time
+
+    try:
+        plot_accuracy_against_time(list(names), out)
+    except RunsError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot write {out}: {e.strerror}: give --out a path in a folder you can write")
+    click.echo(f"wrote {out}")
 
 
 def _runs_sync(where: str) -> None:

@@ -7,6 +7,7 @@ from the best checkpoint.
 
     log_plots(run_id)                                      # the driver, at the end of a run
     log_class_errors(run_id, per_class, wnids, names)      # with the registered weights' counts
+    accuracy_against_time(client, [a, b]).savefig(path)    # `resnet-pipe runs plot A B`
 """
 
 from __future__ import annotations
@@ -58,25 +59,39 @@ def log_plots(run_id: str) -> list[str]:
 
 
 def _accuracy_against_time(client: MlflowClient, run_id: str) -> str | None:
-    """Validation top-1 against the wall-clock minutes at which each evaluation ended (the
-    metric `elapsed_s` of the same epoch), with the job's target: time to accuracy, as drawn."""
-    clock = dict(series(run_id, "elapsed_s", client))
-    points = [
-        (clock[epoch] / 60, top1) for epoch, top1 in series(run_id, "val/top1", client) if epoch in clock
-    ]
-    if not points:
+    figure = accuracy_against_time(client, [run_id])
+    if figure is None:
         return None
-    figure = Figure(figsize=(6, 4))
-    axis = figure.subplots()
-    axis.plot(*zip(*points), marker="o", markersize=3, label="val/top1")
-    target = float(client.get_run(run_id).data.params.get("target_top1", 0) or 0)
-    if target:
-        axis.axhline(target, color="gray", linestyle="--", label=f"target {target}")
-    axis.set(title="accuracy against wall-clock time", xlabel="minutes since submit", ylabel="top-1")
-    axis.legend()
-    figure.tight_layout()
     client.log_figure(run_id, figure, "plots/accuracy_vs_time.png")
     return "plots/accuracy_vs_time.png"
+
+
+def accuracy_against_time(client: MlflowClient, run_ids: list[str]) -> Figure | None:
+    """Validation top-1 of each run against the wall-clock minutes at which each evaluation ended
+    (the metric `elapsed_s` of the same epoch: time between resumed sessions left out), with each
+    job's target: time to accuracy, as drawn. None when no run has an evaluation."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
+    targets, drawn = set(), 0
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        clock = dict(series(run_id, "elapsed_s", client))
+        points = [
+            (clock[epoch] / 60, top1) for epoch, top1 in series(run_id, "val/top1", client) if epoch in clock
+        ]
+        if points:
+            axis.plot(*zip(*points), marker="o", markersize=3, label=run.info.run_name)
+            drawn += 1
+        targets.add(float(run.data.params.get("target_top1", 0) or 0))
+    if not drawn:
+        return None
+    for target in sorted(targets - {0.0}):
+        axis.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
+    axis.set(title="val/top1 against wall-clock time", xlabel="minutes since submit", ylabel="top-1")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return figure
 
 
 def log_class_errors(

@@ -3,12 +3,14 @@ and the result of a run that ended on a cluster (`submit --follow`).
 
 rows = run_table(job_name=None)   # newest first
 differences = compare("lr-0.1", "lr-0.2")
+plot_accuracy_against_time(["fast-seed0", "paper"], Path("time.png"))   # `runs plot`
 ended = result_of("remote", job_name="quickstart")   # status, final metrics, registered version
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -97,6 +99,24 @@ def compare(a: str, b: str) -> tuple[Run, Run, list[tuple[str, str, str]], list[
         if any(v is not None for v in values):
             results.append((key, *(f"{v:.4f}" if v is not None else "-" for v in values)))
     return run_a, run_b, settings, results
+
+
+def plot_accuracy_against_time(names_or_ids: list[str], out: Path) -> None:
+    """Writes val/top1 of the runs against their wall-clock minutes, in one figure, to `out`.
+
+    Raises:
+        RunsError: an unknown run, or none of them has an evaluation yet.
+        OSError: `out` cannot be written.
+    """
+    from pipeline.tracking.plots import accuracy_against_time
+
+    client = MlflowClient(tracking_uri())
+    found = [find_run(client, name) for name in names_or_ids]
+    figure = accuracy_against_time(client, [run.info.run_id for run in found])
+    if figure is None:
+        named = ", ".join(names_or_ids)
+        raise RunsError(f"no evaluation with its wall-clock (val/top1 and elapsed_s) in {named} yet")
+    figure.savefig(out, dpi=110)
 
 
 @dataclass(frozen=True)

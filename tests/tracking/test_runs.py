@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import cli
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -16,7 +18,8 @@ from safetensors.torch import save_file
 
 from pipeline.config import load_job, to_dict
 from pipeline.models import create_model
-from pipeline.tracking import registry, runs, runs_named
+from pipeline.tracking import registry, runs, runs_named, tracking_uri
+from pipeline.tracking.plots import accuracy_against_time
 
 NAMES = ["plain", "it's", 'say "hi"', "both ' and \"", "back\\slash"]
 
@@ -91,3 +94,33 @@ def test_the_bench_models_registration_prints_nothing(prepared_dataset: Path, wo
     out, err = capfd.readouterr()
     for noise in ("registered", "Created version", "Downloading artifacts", "integer column"):
         assert noise not in out + err, (noise, out + err)
+
+
+def test_runs_plot_draws_each_run_at_its_evaluations_wall_clock(workdir: Path) -> None:
+    client = MlflowClient(tracking_uri())
+    experiment = client.create_experiment("timed")
+    drawn = {}
+    for name, target, top1, clock in (
+        ("fast", "0.876", {1: 0.70, 3: 0.88}, {0: 60.0, 1: 120.0, 2: 180.0, 3: 240.0}),
+        ("paper", "0.9125", {0: 0.5, 2: 0.8}, {0: 600.0, 2: 1800.0}),
+    ):
+        run_id = client.create_run(experiment, run_name=name).info.run_id
+        client.log_param(run_id, "target_top1", target)
+        metrics = [Metric("val/top1", v, 0, s) for s, v in top1.items()]
+        client.log_batch(run_id, metrics=metrics + [Metric("elapsed_s", v, 0, s) for s, v in clock.items()])
+        drawn[name] = [(clock[s] / 60, v) for s, v in top1.items()]
+    axis = accuracy_against_time(client, [runs.find_run(client, n).info.run_id for n in drawn]).axes[0]
+    lines = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in axis.get_lines()}
+    assert lines["fast"] == drawn["fast"] and lines["paper"] == drawn["paper"]  # minutes, by epoch
+    assert {"target 0.876", "target 0.9125"} <= lines.keys()
+
+    written = cli("runs", "plot", "fast", "paper", "--out", "time.png", cwd=workdir)
+    assert written.returncode == 0, written.stderr
+    assert (workdir / "time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    unknown = cli("runs", "plot", "fast", "no-such-run", cwd=workdir)
+    assert unknown.returncode == 2 and "no run named" in unknown.stderr and "Traceback" not in unknown.stderr
+    client.create_run(experiment, run_name="started")  # nothing evaluated yet
+    empty = cli("runs", "plot", "started", cwd=workdir)
+    assert empty.returncode == 2 and "no evaluation" in empty.stderr
+    bare = cli("runs", "plot", cwd=workdir)
+    assert bare.returncode == 2 and "one or more runs" in bare.stderr
