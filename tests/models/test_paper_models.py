@@ -106,6 +106,21 @@ def test_option_a_subsamples_and_pads_with_zero_channels() -> None:
     assert torch.count_nonzero(out[:, 2:]) == 0
 
 
+def test_option_a_keeps_channels_last_through_the_net() -> None:
+    """The CPU step runs in channels_last (oneDNN's fast layout); a zero-padding shortcut that
+    gave back NCHW would make every later block convert its input, each step."""
+    model = create_model("cifar_resnet20", num_classes=10).to(memory_format=torch.channels_last)
+    seen = []
+    for module in model.modules():
+        if isinstance(module, ZeroPadShortcut):
+            module.register_forward_hook(lambda _, args, out: seen.append((args[0], out)))
+    model(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert len(seen) == 2  # stages 2 and 3 widen: 16 -> 32 -> 64 channels
+    for given, out in seen:
+        assert given.is_contiguous(memory_format=torch.channels_last)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
 def test_a_preact_block_leaves_the_sum_untouched() -> None:
     # with its branch at zero, a pre-activation net's blocks pass their input through exactly,
     # negative values included (a ReLU after the addition would clip them): x_L = x_l + sum F
