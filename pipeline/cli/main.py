@@ -437,7 +437,7 @@ def stop_job(submission_id: str, address: str | None) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("accuracy_vs_time.png"),
               show_default=True, help="With plot: the image file to write.")  # fmt: skip
 def runs(words: tuple[str, ...], out: Path) -> None:
-    """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration.
+    """The runs in MLflow (of JOB): status, epochs, best top-1, images/s, duration, time to target.
 
     `runs compare A B`: what differs between runs A and B (names or ids), settings then results.
     `runs plot RUN...`: val/top1 of the runs against wall-clock minutes, with their targets, in
@@ -469,13 +469,13 @@ def _runs_table(job_name: str | None) -> None:
         summaries = run_table(job_name)
     except RunsError as e:
         fail(str(e))
-    rows = [("RUN", "JOB", "STATUS", "EPOCHS", "BEST TOP-1", "IMAGES/S", "DURATION", "RUN ID")]
+    rows = [("RUN", "JOB", "STATUS", "EPOCHS", "BEST TOP-1", "IMAGES/S", "DURATION", "TO TARGET", "RUN ID")]
     for r in summaries:
         rows.append((
             r.name, r.job, r.status, str(r.epochs),
             f"{r.best_top1:.4f}" if r.best_top1 is not None else "-",
             f"{r.images_per_s:.1f}" if r.images_per_s is not None else "-",
-            _duration(r.duration_s), r.run_id,
+            _duration(r.duration_s), _duration(r.time_to_target_s), r.run_id,
         ))  # fmt: skip
     print_table(rows)
 

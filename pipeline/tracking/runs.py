@@ -31,10 +31,11 @@ class RunSummary:
     run_id: str
     job: str
     status: str
-    epochs: int
+    epochs: int  # trained (`train/loss` is logged every epoch; `val/top1` only where evaluated)
     best_top1: float | None
     images_per_s: float | None
-    duration_s: float | None
+    duration_s: float | None  # the run's own clock (`elapsed_s`: sessions of a resumed run, not the gaps)
+    time_to_target_s: float | None  # the run's clock at its first evaluation at or above the job's target
 
 
 def run_table(job_name: str | None = None) -> list[RunSummary]:
@@ -56,17 +57,21 @@ def run_table(job_name: str | None = None) -> list[RunSummary]:
 
 def _summary(client: MlflowClient, run: Run) -> RunSummary:
     top1 = client.get_metric_history(run.info.run_id, "val/top1")
+    trained = client.get_metric_history(run.info.run_id, "train/loss") or top1
     info = run.info
-    duration = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
+    duration = run.data.metrics.get("elapsed_s")
+    if duration is None and info.end_time and info.start_time:
+        duration = (info.end_time - info.start_time) / 1000
     return RunSummary(
         name=info.run_name,
         run_id=info.run_id,
         job=run.data.tags.get("job", ""),
         status=info.status,
-        epochs=len({m.step for m in top1}),
+        epochs=len({m.step for m in trained}),
         best_top1=max((m.value for m in top1), default=None),
         images_per_s=run.data.metrics.get("train/images_per_s"),
         duration_s=duration,
+        time_to_target_s=run.data.metrics.get("time_to_target_s"),
     )
 
 

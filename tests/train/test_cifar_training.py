@@ -27,6 +27,7 @@ from pipeline.data.loader import build_loader
 from pipeline.data.prepare import prepare
 from pipeline.serve.inference import Loaded, Preprocess
 from pipeline.tracking import tracking_uri
+from pipeline.tracking.runs import run_table
 from pipeline.train import checkpoint
 
 pytestmark = pytest.mark.ray
@@ -60,6 +61,9 @@ def test_a_cifar_recipe_trains_its_iterations_from_the_canonical_archive(ray_ses
     assert sorted(clock) == [0, 1, 2] and 0 < clock[0] < clock[1] < clock[2]
     (reached,) = {m.value for m in client.get_metric_history(run.info.run_id, "time_to_target_s")}
     assert reached == clock[1]  # the first evaluation at or above the target, on the run's clock
+    # `resnet-pipe runs`: 3 epochs trained (2 of them evaluated), on the run's clock
+    (listed,) = [r for r in run_table("cifar10-resnet20") if r.run_id == run.info.run_id]
+    assert (listed.epochs, listed.duration_s, listed.time_to_target_s) == (3, clock[2], reached)
     assert "plots/accuracy_vs_time.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
     assert lrs[1] == pytest.approx(job.peak_lr) and lrs[10] == pytest.approx(job.peak_lr / 10)  # at step 6
