@@ -87,7 +87,7 @@ def accuracy_against_time(client: MlflowClient, run_ids: list[str]) -> Figure | 
         return None
     for target in sorted(targets - {0.0}):
         axis.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
-    axis.set(title="val/top1 against wall-clock time", xlabel="minutes since submit", ylabel="top-1")
+    axis.set(title="val/top1 against wall-clock time", xlabel="minutes of the run's clock", ylabel="top-1")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()

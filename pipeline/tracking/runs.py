@@ -121,6 +121,10 @@ def plot_accuracy_against_time(names_or_ids: list[str], out: Path) -> None:
     if figure is None:
         named = ", ".join(names_or_ids)
         raise RunsError(f"no evaluation with its wall-clock (val/top1 and elapsed_s) in {named} yet")
+    kinds = figure.canvas.get_supported_filetypes()  # png, svg, pdf, ...
+    if out.suffix.lstrip(".").lower() not in kinds:
+        endings = ", ".join(f".{kind}" for kind in kinds)
+        raise RunsError(f"no figure format for '{out.name}': give --out a name ending in one of {endings}")
     figure.savefig(out, dpi=110)
 
 

@@ -117,6 +117,8 @@ def test_runs_plot_draws_each_run_at_its_evaluations_wall_clock(workdir: Path) -
     written = cli("runs", "plot", "fast", "paper", "--out", "time.png", cwd=workdir)
     assert written.returncode == 0, written.stderr
     assert (workdir / "time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    odd = cli("runs", "plot", "fast", "--out", "time.xyz", cwd=workdir)
+    assert odd.returncode == 2 and ".png" in odd.stderr and not (workdir / "time.xyz").exists()
     unknown = cli("runs", "plot", "fast", "no-such-run", cwd=workdir)
     assert unknown.returncode == 2 and "no run named" in unknown.stderr and "Traceback" not in unknown.stderr
     client.create_run(experiment, run_name="started")  # nothing evaluated yet
