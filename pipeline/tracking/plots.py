@@ -72,7 +72,7 @@ def accuracy_against_time(client: MlflowClient, run_ids: list[str]) -> Figure | 
     job's target: time to accuracy, as drawn. None when no run has an evaluation."""
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
-    targets, drawn = set(), 0
+    targets, drawn = set(), False
     for run_id in run_ids:
         run = client.get_run(run_id)
         clock = dict(series(run_id, "elapsed_s", client))
@@ -81,7 +81,7 @@ def accuracy_against_time(client: MlflowClient, run_ids: list[str]) -> Figure | 
         ]
         if points:
             axis.plot(*zip(*points), marker="o", markersize=3, label=run.info.run_name)
-            drawn += 1
+            drawn = True
         targets.add(float(run.data.params.get("target_top1", 0) or 0))
     if not drawn:
         return None

@@ -113,18 +113,20 @@ def plot_accuracy_against_time(names_or_ids: list[str], out: Path) -> None:
         RunsError: an unknown run, or none of them has an evaluation yet.
         OSError: `out` cannot be written.
     """
+    from matplotlib.figure import Figure
+
     from pipeline.tracking.plots import accuracy_against_time
 
+    kinds = Figure().canvas.get_supported_filetypes()  # png, svg, pdf, ...: asked before any drawing
+    if out.suffix.lstrip(".").lower() not in kinds:
+        endings = ", ".join(f".{kind}" for kind in kinds)
+        raise RunsError(f"no figure format for '{out.name}': give --out a name ending in one of {endings}")
     client = MlflowClient(tracking_uri())
     found = [find_run(client, name) for name in names_or_ids]
     figure = accuracy_against_time(client, [run.info.run_id for run in found])
     if figure is None:
         named = ", ".join(names_or_ids)
         raise RunsError(f"no evaluation with its wall-clock (val/top1 and elapsed_s) in {named} yet")
-    kinds = figure.canvas.get_supported_filetypes()  # png, svg, pdf, ...
-    if out.suffix.lstrip(".").lower() not in kinds:
-        endings = ", ".join(f".{kind}" for kind in kinds)
-        raise RunsError(f"no figure format for '{out.name}': give --out a name ending in one of {endings}")
     figure.savefig(out, dpi=110)
 
 
