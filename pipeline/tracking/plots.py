@@ -88,6 +88,7 @@ def accuracy_against_time(client: MlflowClient, run_ids: list[str]) -> Figure | 
     for target in sorted(targets - {0.0}):
         axis.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target}")
     axis.set(title="val/top1 against wall-clock time", xlabel="minutes of the run's clock", ylabel="top-1")
+    axis.set_xlim(left=0)  # time to accuracy is counted from the run's start
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()

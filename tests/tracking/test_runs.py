@@ -113,6 +113,7 @@ def test_runs_plot_draws_each_run_at_its_evaluations_wall_clock(workdir: Path) -
     lines = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in axis.get_lines()}
     assert lines["fast"] == drawn["fast"] and lines["paper"] == drawn["paper"]  # minutes, by epoch
     assert {"target 0.876", "target 0.9125"} <= lines.keys()
+    assert axis.get_xlim()[0] == 0  # the clock from the run's start, not from its first evaluation
 
     written = cli("runs", "plot", "fast", "paper", "--out", "time.png", cwd=workdir)
     assert written.returncode == 0, written.stderr
