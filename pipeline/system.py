@@ -34,25 +34,26 @@ def free_port() -> int:
 
 def bf16_units(device: torch.device) -> bool:
     """Whether `device` runs bf16 autocast on units made for it: a GPU that supports bf16, or a
-    CPU for which oneDNN has bf16 kernels (AVX-512, best with its BF16 extension, or AMX).
+    CPU with AVX-512's BF16 extension or AMX.
 
-    Without them, as on a CPU with AVX2 alone (AMD's Zen 3, Intel's before Skylake-SP), PyTorch
-    takes a reference path: the paper's ResNet-20 training step at batch 128 on 2 cores of an AMD
-    EPYC ran at 38.6 images/s in bf16 against 483 in fp32 (2026-12-05), and on 2 cores with
-    AVX-512 BF16 at 1.4-1.6 times fp32 (docs/benchmarks.md)."""
+    oneDNN has bf16 kernels for any AVX-512 CPU, but without those units it converts each operand
+    to fp32 and back, and PyTorch's reference path is slower still: the paper's ResNet-20 training
+    step at batch 128 on 2 cores ran in bf16 at 212 images/s against 642 in fp32 on an Intel Xeon
+    with AVX-512 and VNNI but no BF16 (2026-12-06), and at 38.6 against 483 on an AMD EPYC with
+    AVX2 alone (2026-12-05); with AVX-512 BF16, at 1.4-1.6 times fp32 (docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def no_bf16_units(where: str, device: torch.device) -> str:
     """Why bf16 is refused on `device` (`bf16_units` said no), for a message that begins with
     the setting and ends with what to set instead."""
-    units = "AVX-512 or AMX" if device.type == "cpu" else "compute capability 8.0 or later"
+    units = "AVX-512 BF16 or AMX" if device.type == "cpu" else "compute capability 8.0 or later"
     has = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "an older GPU"
     return (
-        f"{where} has no bf16 units ({units}; it has {has}), so bf16 would run on PyTorch's slow "
-        "reference path, about 12x slower than fp32"
+        f"{where} has no bf16 units ({units}; it has {has}), so bf16 would run on emulated or "
+        "reference kernels, 3 to 12 times slower than fp32"
     )
 
 

@@ -235,7 +235,7 @@ def test_bench_train_on_cifar_measures_the_resnet20_step_in_each_precision_again
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line != "RAY-IMPORTED"]
     expected = ["fp32, channels_last", "bf16 autocast, channels_last", "fp32, torch.compile"]
-    if not bf16_units(torch.device("cpu")):  # an AVX2 CPU: bf16's reference path is left out, said so
+    if not bf16_units(torch.device("cpu")):  # no AVX-512 BF16 or AMX: bf16's slow path is left out, said so
         assert lines.pop(0).startswith("the bf16 autocast row left out: this machine has no bf16 units")
         expected.remove("bf16 autocast, channels_last")
     assert lines[0].startswith("ResNet-20 step, batch 8, 2 threads")

@@ -91,7 +91,8 @@ def test_submit_refuses_a_job_this_machine_can_never_hold_at_once(tmp_path: Path
 
 @pytest.mark.skipif(bf16_units(torch.device("cpu")), reason="this CPU has bf16 units: bf16 runs here")
 def test_submit_refuses_bf16_on_a_cpu_without_bf16_units(tmp_path: Path) -> None:
-    # real on a CPU with AVX2 alone (an AMD EPYC of this project's): before Ray or MLflow starts
+    # real on a CPU without AVX-512 BF16 or AMX (this project's AMD EPYC, AVX2; its Intel Xeon,
+    # AVX-512 without BF16): before Ray or MLflow starts
     from cifar_release import write_cifar10
 
     from pipeline.data.prepare import prepare
