@@ -54,7 +54,7 @@ QUICK_CIFAR = (
 QUICK_MEANING = (
     "quick scale: a fixed draw of 4,000 CIFAR-10 training images and 1,000 test images, the first "
     "800 iterations of the paper's schedule (batch 128, learning rate 0.1 throughout), on the CPU; "
-    "depths {depths} of the paper's {paper_depths}"
+    "{which}"
 )
 PAPER_MEANING = (
     "paper scale: the paper's recipes as the jobs hold them (64k iterations, full data, one GPU each)"
@@ -71,15 +71,15 @@ def _cifar(kind: str, depth: int) -> Member:
     return Member(label, job, "plain" if kind == "plain" else "residual", depth)
 
 
-def _scaled(
-    study: str, scale: Scale, members: list[Member], paper: list[Member], dataset: Dataset = "cifar10"
-):
+def _scaled(study: str, scale: Scale, members: list[Member], paper: list[Member], which: str = ""):
+    """The plan at `scale`: `paper`'s members as their jobs hold them, or `members` at the quick
+    scale, whose meaning says `which` nets it trains (by default, its depths of the paper's)."""
     if scale == "paper":
-        return Plan(study, scale, dataset, tuple(paper), (), PAPER_MEANING)
+        return Plan(study, scale, "cifar10", tuple(paper), (), PAPER_MEANING)
     depths = sorted({m.depth for m in members})
     paper_depths = sorted({m.depth for m in paper})
-    meaning = QUICK_MEANING.format(depths=_and(depths), paper_depths=_and(paper_depths))
-    return Plan(study, scale, dataset, tuple(members), QUICK_CIFAR, meaning)
+    which = which or f"depths {_and(depths)} of the paper's {_and(paper_depths)}"
+    return Plan(study, scale, "cifar10", tuple(members), QUICK_CIFAR, QUICK_MEANING.format(which=which))
 
 
 def _and(items: list) -> str:
@@ -126,7 +126,8 @@ def shortcuts(scale: Scale, dataset: Dataset) -> Plan:
         )
         for o in "ABC"
     ]
-    return _scaled("shortcuts", scale, members, members)
+    which = "options A, B and C on ResNet-20's basic blocks, in place of the paper's ResNet-34 on ImageNet"
+    return _scaled("shortcuts", scale, members, members, which)
 
 
 def responses(scale: Scale, dataset: Dataset) -> Plan:

@@ -38,6 +38,8 @@ def test_the_quick_degradation_study_runs_what_it_says() -> None:
     assert len(paper.members) == 9 and paper.settings == ()
     with pytest.raises(ValueError, match="runs at --scale paper"):
         plan("degradation", "quick", "imagenet")
+    shortcuts = plan("shortcuts", "quick")
+    assert "options A, B and C" in shortcuts.meaning and "depths 20 of" not in shortcuts.meaning
     assert [m.job for m in plan("shortcuts", "paper").members] == [
         "imagenet-r34-a",
         "imagenet-r34-b",
