@@ -8,9 +8,8 @@ such process: 2.75 and 2.97 s; 0.95 and 1.00 s for plain-20 and ResNet-20), eval
 Ray's start aside. 1,000 iterations of the four nets would take about 95 minutes there; 800 take
 about 75. It trains on a fixed draw of 4,000 of the 50,000 training images and tests on 1,000 of
 the 10,000 test images, for the first 800 iterations of the paper's schedule (learning rate 0.1
-throughout), at depths 20 and 56. With the images held in memory and channels_last (2026-12-06,
-an Intel Xeon's 2 cores), the quick degradation study took 26.6 minutes, depth 29.3 and
-shortcuts 15.5 (docs/paper.md)."""
+throughout), at depths 20 and 56. Measured again on 2026-12-06 (an Intel Xeon's 2 cores): the
+quick degradation study took 26.6 minutes, depth 29.3 and shortcuts 15.5 (docs/paper.md)."""
 
 from __future__ import annotations
 
@@ -78,9 +77,9 @@ def _scaled(study: str, scale: Scale, members: list[Member], paper: list[Member]
     scale, whose meaning says `which` nets it trains (by default, its depths of the paper's)."""
     if scale == "paper":
         return Plan(study, scale, "cifar10", tuple(paper), (), PAPER_MEANING)
-    depths = sorted({m.depth for m in members})
-    paper_depths = sorted({m.depth for m in paper})
-    which = which or f"depths {_and(depths)} of the paper's {_and(paper_depths)}"
+    if not which:
+        depths, paper_depths = sorted({m.depth for m in members}), sorted({m.depth for m in paper})
+        which = f"depths {_and(depths)} of the paper's {_and(paper_depths)}"
     return Plan(study, scale, "cifar10", tuple(members), QUICK_CIFAR, QUICK_MEANING.format(which=which))
 
 
